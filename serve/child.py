@@ -1,0 +1,63 @@
+"""Main loop of the worker process (spawned by :class:`serve.worker.WorkerHandle`).
+
+Speaks to the HTTP process in small tuples on the events queue:
+``("ready", info)``, ``("fatal", reason)``, ``("started", job_id)``,
+``("done", job_id, result)``, ``("failed", job_id, error_dict)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+from pipelines.errors import Cancelled, SDError
+
+log = logging.getLogger("serve.worker")
+
+
+def run_worker(settings_dict: dict, jobs, events, draining, abort) -> None:
+    """Initialise the engine, then run jobs until the ``None`` sentinel arrives."""
+    # The HTTP process owns shutdown: a SIGTERM/SIGINT sent to the whole process
+    # group must not kill the job mid-step; we stop through `draining`/`abort`.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from serve.logs import configure_logging
+    from serve.settings import Settings
+
+    settings = Settings(**settings_dict)
+    configure_logging(settings.log_level)
+    try:
+        from serve.executor import Engine
+
+        engine = Engine(settings)
+    except Exception as exc:  # a worker that cannot start makes /ping fail
+        log.exception("worker failed to start")
+        events.put(("fatal", f"worker failed to start: {type(exc).__name__}: {exc}"))
+        return
+    events.put(("ready", engine.describe()))
+    while True:
+        job = jobs.get()
+        if job is None:
+            break
+        events.put(("started", job.job_id))
+        if draining.is_set():
+            _fail(events, job.job_id, Cancelled("the server shut down before the job started"))
+            continue
+        try:
+            result = engine.run(job, should_abort=abort.is_set)
+        except SDError as err:
+            _fail(events, job.job_id, err)
+        except BaseException as exc:  # noqa: BLE001 - a job must always end with an event
+            log.exception("job %s crashed", job.job_id)
+            _fail(events, job.job_id, SDError(f"{type(exc).__name__}: {exc}"))
+        else:
+            events.put(("done", job.job_id, result))
+    log.info("worker stopped")
+
+
+def _fail(events, job_id: str, err: SDError) -> None:
+    events.put(("failed", job_id, err.to_dict()))

@@ -1,0 +1,22 @@
+"""Logging set-up shared by the HTTP process and the worker.
+
+Diffusers and transformers print load reports on every model load; they are
+harmless and drown real messages, so their loggers are raised to ERROR.
+"""
+
+from __future__ import annotations
+
+import logging
+
+_NOISY = ("diffusers", "transformers", "peft", "accelerate", "botocore", "urllib3", "s3transfer")
+
+
+def configure_logging(level: str = "info") -> None:
+    """One line per record, with the process name so HTTP and worker lines can be told apart."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+        force=True,
+    )
+    for name in _NOISY:
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,0 +1,188 @@
+"""Turn an HTTP body into a resolved job: envelope or bare A1111 payload → Job.
+
+Everything that can be decided without torch is decided here, so a bad request
+is answered 422 at once instead of after a trip through the worker queue.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from pipelines.errors import InvalidParameter
+from pipelines.params import Txt2ImgParams
+from pipelines.samplers import resolve_sampler
+from serve.errors import MalformedBody
+from serve.schemas import Envelope, OutputSpec, Txt2ImgPayload
+from serve.settings import Settings
+
+_EXTRA_NETWORK = re.compile(r"<(lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
+_EMPHASIS = re.compile(r"[()\[\]]|\bBREAK\b")
+
+# override_settings we honour; others are reported back as ignored.
+_HONOURED_OVERRIDES = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
+# override_settings that would change the image and that we cannot honour yet: refused.
+_REFUSED_OVERRIDES = {
+    "sd_vae": lambda v: v not in (None, "", "Automatic"),
+    "eta_noise_seed_delta": lambda v: v not in (None, 0),
+    "randn_source": lambda v: v not in (None, "CPU"),
+}
+
+
+@dataclass
+class Job:
+    """A validated job, ready for the worker."""
+
+    job_id: str
+    task: str
+    params: Txt2ImgParams
+    output: OutputSpec
+    payload: dict[str, Any]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    send_images: bool = True
+    warnings: list[str] = field(default_factory=list)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """Decode JSON; malformed bodies raise :class:`MalformedBody` (400)."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedBody(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise MalformedBody("request body must be a JSON object")
+    return body
+
+
+def build_job(body: dict[str, Any], settings: Settings, *, task: str | None = None) -> Job:
+    """Validate a decoded body (envelope or bare payload) and resolve it into a :class:`Job`."""
+    if "payload" in body:
+        envelope = _validate(Envelope, body, settings, prefix="")
+    else:
+        envelope = Envelope(task=task or "txt2img", payload=body)
+    if envelope.task != "txt2img":
+        raise InvalidParameter(f"task '{envelope.task}' is not supported yet (supported: txt2img)", field="task")
+    if envelope.models:
+        raise InvalidParameter("explicit model locations are not supported yet; name models as in A1111", field="models")
+    prefix = "payload." if "payload" in body else ""
+    payload = _validate(Txt2ImgPayload, envelope.payload, settings, prefix=prefix)
+    warnings = _refuse_unsupported(payload, prefix)
+    params = _resolve(payload, settings, prefix, warnings)
+    return Job(
+        job_id=envelope.id or str(uuid.uuid4()),
+        task=envelope.task,
+        params=params,
+        output=envelope.output,
+        payload=envelope.payload,
+        parameters=payload.model_dump(exclude=set(payload.model_extra or ())),
+        send_images=payload.send_images,
+        warnings=warnings,
+    )
+
+
+def _validate(model, data: dict, settings: Settings, prefix: str):
+    try:
+        return model.model_validate(data, context={"limits": settings})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            msg = f"unknown field (allowed: {', '.join(model.model_fields)})"
+        raise InvalidParameter(f"{prefix}{loc}: {msg}", field=f"{prefix}{loc}") from None
+
+
+def _refuse_unsupported(p: Txt2ImgPayload, prefix: str) -> list[str]:
+    """Refuse what would change the image but is not built yet; collect warnings for the rest."""
+
+    def refuse(name: str, what: str) -> None:
+        raise InvalidParameter(f"{prefix}{name}: {what} is not supported yet", field=f"{prefix}{name}")
+
+    if p.enable_hr:
+        refuse("enable_hr", "hires fix")
+    if p.restore_faces:
+        refuse("restore_faces", "face restoration")
+    if p.tiling:
+        refuse("tiling", "tiling")
+    if p.refiner_checkpoint:
+        refuse("refiner_checkpoint", "the SDXL refiner")
+    if p.script_name:
+        refuse("script_name", f"script '{p.script_name}'")
+    if p.styles:
+        refuse("styles", "saved styles")
+    if p.seed_resize_from_h > 0 or p.seed_resize_from_w > 0:
+        refuse("seed_resize_from_w", "resizing the seed")
+    for name, args in (p.alwayson_scripts or {}).items():
+        if name.lower() == "controlnet":
+            refuse("alwayson_scripts.controlnet", "ControlNet")
+        if args not in (None, {}, {"args": []}):
+            refuse(f"alwayson_scripts.{name}", f"always-on script '{name}'")
+    for fname, text in (("prompt", p.prompt), ("negative_prompt", p.negative_prompt)):
+        match = _EXTRA_NETWORK.search(text)
+        if match:
+            refuse(fname, f"extra network tag '{match.group(0)}' (LoRA/hypernetwork)")
+    warnings: list[str] = []
+    for fname, text in (("prompt", p.prompt), ("negative_prompt", p.negative_prompt)):
+        if _EMPHASIS.search(text):
+            warnings.append(f"{prefix}{fname}: A1111 emphasis/BREAK syntax is passed to the text encoder literally (not weighted yet)")
+    overrides = p.override_settings or {}
+    for key, value in overrides.items():
+        check = _REFUSED_OVERRIDES.get(key)
+        if check and check(value):
+            refuse(f"override_settings.{key}", f"{key}={value!r}")
+        if key not in _HONOURED_OVERRIDES and not check:
+            warnings.append(f"{prefix}override_settings.{key}: ignored (no effect on this server)")
+    extras = sorted(set(p.model_extra or {}))
+    if extras:
+        warnings.append(f"ignored unknown fields: {', '.join(prefix + e for e in extras)}")
+    return warnings
+
+
+def _resolve(p: Txt2ImgPayload, settings: Settings, prefix: str, warnings: list[str]) -> Txt2ImgParams:
+    if p.width * p.height > settings.max_pixels:
+        raise InvalidParameter(
+            f"{prefix}width: width*height must be at most {settings.max_pixels} pixels (got {p.width}x{p.height})",
+            field=f"{prefix}width",
+        )
+    try:
+        choice = resolve_sampler(p.sampler_name, p.scheduler, sampler_index=p.sampler_index)
+    except InvalidParameter as exc:
+        exc.field = f"{prefix}{exc.field or 'sampler_name'}"
+        raise
+    overrides = p.override_settings or {}
+    clip_stop = overrides.get("CLIP_stop_at_last_layers", 1)
+    if not isinstance(clip_stop, int) or isinstance(clip_stop, bool) or not 1 <= clip_stop <= 12:
+        raise InvalidParameter(
+            f"{prefix}override_settings.CLIP_stop_at_last_layers: must be an integer between 1 and 12 (got {clip_stop!r})",
+            field=f"{prefix}override_settings.CLIP_stop_at_last_layers",
+        )
+    checkpoint = overrides.get("sd_model_checkpoint")
+    if checkpoint is not None and (not isinstance(checkpoint, str) or not checkpoint.strip()):
+        raise InvalidParameter(f"{prefix}override_settings.sd_model_checkpoint: must be a model name", field=f"{prefix}override_settings.sd_model_checkpoint")
+    count = p.batch_size * p.n_iter
+    seed = p.seed if p.seed != -1 else secrets.randbelow(2**32)
+    subseed = p.subseed if p.subseed != -1 else secrets.randbelow(2**32)
+    return Txt2ImgParams(
+        prompt=p.prompt,
+        negative_prompt=p.negative_prompt,
+        seeds=[(seed + i) % 2**32 for i in range(count)],
+        subseeds=[(subseed + i) % 2**32 for i in range(count)],
+        subseed_strength=p.subseed_strength,
+        sampler_name=choice.sampler,
+        schedule_type=choice.schedule,
+        steps=p.steps,
+        cfg_scale=p.cfg_scale,
+        width=p.width,
+        height=p.height,
+        batch_size=p.batch_size,
+        n_iter=p.n_iter,
+        checkpoint=checkpoint.strip() if checkpoint else settings.default_checkpoint,
+        clip_stop_at_last_layers=clip_stop,
+        eta=p.eta,
+    )

@@ -1,0 +1,79 @@
+"""HTTP routes only: the SageMaker contract and the A1111-compatible subset."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from pipelines.samplers import list_samplers, list_schedulers
+from serve.errors import JobTimeout, error_response
+from serve.requests import build_job, parse_body
+from serve.schemas import ErrorBody, Txt2ImgResponse
+from serve.worker import WorkerState
+
+router = APIRouter()
+
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 403, 404, 422, 500, 503, 504)}
+
+
+@router.get("/ping", responses={503: {"model": ErrorBody}})
+async def ping(request: Request) -> JSONResponse:
+    """200 while the worker is ready or busy; 503 while starting, stopping, or after it died."""
+    worker = request.app.state.worker
+    state = worker.state
+    body = {"status": state.value, "running_job": worker.running_job, "queued": worker.pending}
+    if state in (WorkerState.READY, WorkerState.BUSY):
+        return JSONResponse(body)
+    body["reason"] = worker.reason
+    return JSONResponse(body, status_code=503)
+
+
+@router.post("/invocations", response_model=Txt2ImgResponse, responses=_ERRORS)
+async def invocations(request: Request) -> JSONResponse:
+    """A bare A1111 txt2img body or the envelope ``{task, id, payload, output}``."""
+    return await _run(request, task=None)
+
+
+@router.post("/sdapi/v1/txt2img", response_model=Txt2ImgResponse, responses=_ERRORS)
+async def sdapi_txt2img(request: Request) -> JSONResponse:
+    """A1111's own route, for clients written against the WebUI API."""
+    return await _run(request, task="txt2img")
+
+
+@router.get("/sdapi/v1/samplers")
+async def sdapi_samplers() -> list[dict]:
+    return list_samplers()
+
+
+@router.get("/sdapi/v1/schedulers")
+async def sdapi_schedulers() -> list[dict]:
+    return list_schedulers()
+
+
+async def _run(request: Request, task: str | None) -> JSONResponse:
+    settings = request.app.state.settings
+    worker = request.app.state.worker
+    job_id = None
+    try:
+        body = parse_body(await request.body())
+        job = build_job(body, settings, task=task)
+        job_id = job.job_id
+        future = worker.submit(job)
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(future), timeout=settings.request_timeout)
+        except TimeoutError:
+            raise JobTimeout(f"job {job_id} did not finish within {settings.request_timeout:.0f} s; it goes on, see its job.json") from None
+    except Exception as exc:  # noqa: BLE001 - mapped in one place
+        return error_response(exc, job_id)
+    return JSONResponse(
+        {
+            "images": result["images"],
+            "parameters": job.parameters,
+            "info": result["info"],
+            "job_id": job_id,
+            "warnings": job.warnings,
+            "job": result["job"],
+        }
+    )

@@ -1,0 +1,44 @@
+"""All settings of the server, in one class, read once at start-up and injected.
+
+Every field maps to an environment variable of the same name in upper case
+(``MODEL_STORE``, ``OUTPUT``, ...); the README's configuration table lists them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Server configuration (environment variables, then defaults)."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    port: int = Field(8080, validation_alias=AliasChoices("SAGEMAKER_BIND_TO_PORT", "PORT"), description="HTTP port (SageMaker sets SAGEMAKER_BIND_TO_PORT).")
+    host: str = Field("0.0.0.0", description="Address to bind.")
+    model_store: str = Field("./models", description="A1111-style models folder: local path or s3://bucket/prefix/.")
+    output: str = Field("./outputs", description="Where job folders go: local path or s3://bucket/prefix/.")
+    cache_dir: Path = Field(Path("./.cache/sd-endpoint"), description="Disk cache for models fetched from S3 and file hashes.")
+    default_checkpoint: str | None = Field(None, description="Checkpoint used when a request names none (default: the first one in the store).")
+    s3_endpoint_url: str | None = Field(None, description="Custom S3 endpoint (MinIO, SeaweedFS); unset for AWS.")
+    aws_region: str | None = Field(None, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"), description="AWS region for S3.")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="'auto' = float16 on GPU, float32 on CPU.")
+    queue_size: int = Field(4, ge=1, le=1000, description="Jobs waiting for the worker before /invocations answers 503.")
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64, description="Upper bound of width*height per image.")
+    max_side: int = Field(2048, ge=64, description="Upper bound of width and height.")
+    max_steps: int = Field(150, ge=1, description="Upper bound of steps.")
+    max_batch_size: int = Field(8, ge=1, description="Upper bound of batch_size.")
+    max_n_iter: int = Field(16, ge=1, description="Upper bound of n_iter.")
+    request_timeout: float = Field(600.0, gt=0, description="Seconds a real-time request waits for its job before 504.")
+    shutdown_grace: float = Field(25.0, gt=0, description="Seconds after SIGTERM for the running job to finish before it is failed.")
+    worker_start_timeout: float = Field(300.0, gt=0, description="Seconds the worker may take to become ready before /ping reports it defunct.")
+    log_level: str = Field("info", description="Python log level.")
+
+    def worker_view(self) -> dict:
+        """The plain dict handed to the worker process (pickled across the spawn boundary)."""
+        return self.model_dump(mode="json")
