@@ -260,7 +260,27 @@ class S3Store:
                 if not self._cached(bucket, key, dest, ref):
                     download_file(self.client, bucket, key, dest, ref.size, ref.etag)
             self._write_meta(bucket, key, ref)
+            self._fetch_sidecars(ref.kind, bucket, key)
         return dest
+
+    def _fetch_sidecars(self, kind: str, bucket: str, key: str) -> None:
+        """Bring the files that travel with a checkpoint: ``<stem>.yaml`` and ``<stem>.config/**``.
+
+        They are small (configs, tokenizers) and decide how the checkpoint loads, so
+        they are listed on every fetch and re-downloaded when their etag changed.
+        """
+        stem_key = key.rsplit(".", 1)[0]
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=stem_key + "."):
+            for obj in page.get("Contents", []):
+                side = obj["Key"]
+                if side != stem_key + ".yaml" and not side.startswith(stem_key + ".config/"):
+                    continue
+                side_ref = self._ref(kind, side, side, obj["Size"], obj["LastModified"], obj.get("ETag"))
+                dest = self.cache_path(bucket, side)
+                if not self._cached(bucket, side, dest, side_ref):
+                    download_file(self.client, bucket, side, dest, side_ref.size, side_ref.etag)
+                    self._write_meta(bucket, side, side_ref)
 
     def _cached(self, bucket: str, key: str, dest: Path, ref: ModelRef) -> bool:
         try:

@@ -1,0 +1,24 @@
+"""Shared pieces of the benchmarks: the bench model and a noisy-machine check."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipelines.tiny import write_checkpoint
+
+# The tiny SD1-layout model at this size and 20 steps takes ~1-2 s per image on a
+# 2-core CPU: long enough that fixed serving costs show as a ratio, short enough to repeat.
+BENCH_SIZE = 256
+
+
+def write_bench_checkpoint(store: Path) -> Path:
+    """A random-weight SD1 single-file checkpoint (+ its config folder) in ``store``'s Stable-diffusion/."""
+    return write_checkpoint(store / "Stable-diffusion", "bench-sd1", "sd1", seed=0)
+
+
+def check_quiet() -> None:
+    """Print the load average: these machines are shared, and a busy core skews every number."""
+    load1, _, _ = os.getloadavg()
+    note = "  (busy: numbers will be noisy)" if load1 > 0.5 else ""
+    print(f"load average {load1:.2f} on {os.cpu_count()} cores{note}")

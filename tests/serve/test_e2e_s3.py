@@ -1,0 +1,77 @@
+"""The server with its model store and its outputs in a real S3 server (SeaweedFS)."""
+
+import base64
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.server import ServerProcess
+
+SMALL = {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "seed": 11}
+
+
+def upload_tree(client, bucket: str, root: Path, prefix: str) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, prefix + path.relative_to(root).as_posix())
+
+
+@pytest.fixture(scope="module")
+def s3_server_proc(tiny_model_store, s3_server, s3_env, tmp_path_factory):
+    client = s3_server.client()
+    bucket = "e2e-models"
+    client.create_bucket(Bucket=bucket)
+    sd = Path(tiny_model_store) / "Stable-diffusion"
+    for name in ("tiny-sd1.safetensors", "tiny-sd1.config"):
+        src = sd / name
+        if src.is_dir():
+            upload_tree(client, bucket, src, f"models/Stable-diffusion/{name}/")
+        else:
+            client.upload_file(str(src), bucket, f"models/Stable-diffusion/{name}")
+    tmp = tmp_path_factory.mktemp("s3e2e")
+    proc = ServerProcess(
+        {**s3_env, "MODEL_STORE": f"s3://{bucket}/models/", "OUTPUT": f"s3://{bucket}/outputs/", "CACHE_DIR": str(tmp / "cache")},
+        log_path=tmp / "server.log",
+    ).start()
+    proc.bucket, proc.client, proc.cache = bucket, client, tmp / "cache"
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_models_and_outputs_in_s3(s3_server_proc):
+    srv = s3_server_proc
+    r = httpx.post(srv.url + "/invocations", json={**SMALL, "override_settings": {"sd_model_checkpoint": "tiny-sd1"}}, timeout=120)
+    assert r.status_code == 200, r.text + srv.log_tail()
+    job_id = r.json()["job_id"]
+    keys = {o["Key"] for o in srv.client.list_objects_v2(Bucket=srv.bucket, Prefix=f"outputs/{job_id}/")["Contents"]}
+    assert keys == {f"outputs/{job_id}/{n}" for n in ("image-0.png", "params.json", "job.json")}
+    record = json.loads(srv.client.get_object(Bucket=srv.bucket, Key=f"outputs/{job_id}/job.json")["Body"].read())
+    assert record["status"] == "succeed"
+    assert record["images"] == [f"s3://{srv.bucket}/outputs/{job_id}/image-0.png"]
+    png = srv.client.get_object(Bucket=srv.bucket, Key=f"outputs/{job_id}/image-0.png")
+    assert png["ContentType"] == "image/png"
+    assert png["Body"].read() == base64.b64decode(r.json()["images"][0])
+    # the checkpoint and its config folder came through the disk cache
+    cached = srv.cache / srv.bucket / "models" / "Stable-diffusion"
+    assert (cached / "tiny-sd1.safetensors").is_file() and (cached / "tiny-sd1.config" / "model_index.json").is_file()
+
+
+def test_envelope_output_uri_overrides(s3_server_proc):
+    srv = s3_server_proc
+    body = {"id": "env-job", "payload": SMALL, "output": {"uri": f"s3://{srv.bucket}/elsewhere/", "inline": False}}
+    r = httpx.post(srv.url + "/invocations", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["images"] == []
+    head = srv.client.head_object(Bucket=srv.bucket, Key="elsewhere/env-job/image-0.png")
+    assert head["ContentLength"] > 0
+
+
+def test_unknown_model_in_s3_is_404_naming_the_bucket(s3_server_proc):
+    srv = s3_server_proc
+    r = httpx.post(srv.url + "/invocations", json={**SMALL, "override_settings": {"sd_model_checkpoint": "ghost"}}, timeout=60)
+    assert r.status_code == 404
+    assert "ghost" in r.json()["detail"] and f"s3://{srv.bucket}/models/Stable-diffusion/" in r.json()["detail"]
