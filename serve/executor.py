@@ -47,6 +47,7 @@ class Engine:
     def __init__(self, settings: Settings):
         import torch
 
+        from model_cache.hashes import HashCache
         from model_cache.s3 import make_s3_client
         from model_cache.store import open_store
 
@@ -64,6 +65,7 @@ class Engine:
             cache_dir=Path(settings.cache_dir),
             s3_client_factory=lambda: make_s3_client(settings.s3_endpoint_url, settings.aws_region),
         )
+        self.hashes = HashCache(Path(settings.cache_dir))
         self.active: Active | None = None
 
     def describe(self) -> dict:
@@ -119,7 +121,6 @@ class Engine:
         return ref, self.store.fetch(ref)
 
     def _activate(self, ref, path: Path) -> Active:
-        from model_cache.hashes import file_hashes
         from pipelines.checkpoint import load_pipeline
 
         stat = path.stat()
@@ -129,7 +130,7 @@ class Engine:
         # Free the resident pipeline before loading the next one: two full models
         # side by side is what runs a small instance out of memory.
         self._release()
-        sha256, short = file_hashes(path, cache_dir=Path(self.settings.cache_dir))
+        sha256, short = self.hashes.file_hashes(path)
         loaded = load_pipeline(path, device=self.device, dtype=self.dtype)
         self.active = Active(key, Path(ref.name).stem, loaded, dict(loaded.pipe.scheduler.config), sha256, short)
         return self.active

@@ -7,6 +7,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -60,9 +61,13 @@ def test_batch_and_n_iter_count_and_seeds(server):
     assert info["all_seeds"] == [1000, 1001, 1002, 1003]
     seeds = [Image.open(io.BytesIO(base64.b64decode(i))).info["parameters"] for i in body["images"]]
     assert [("Seed: %d," % s) in t for s, t in zip(info["all_seeds"], seeds)] == [True] * 4
-    # A1111: image i of a batch is the image of seed+i on its own
-    alone = post(server, {**SMALL, "seed": 1003}).json()["images"][0]
-    assert pixels(alone) == pixels(body["images"][3])
+    # A1111: image i of a batch is the image of seed+i on its own (same noise; batched
+    # float math may move a pixel value by one step)
+    alone = np.frombuffer(pixels(post(server, {**SMALL, "seed": 1003}).json()["images"][0]), np.uint8).astype(int)
+    in_batch = np.frombuffer(pixels(body["images"][3]), np.uint8).astype(int)
+    assert np.abs(alone - in_batch).max() <= 2
+    other = np.frombuffer(pixels(body["images"][2]), np.uint8).astype(int)
+    assert np.abs(alone - other).max() > 10
 
 
 def test_sdapi_route_and_bare_envelope(server):
