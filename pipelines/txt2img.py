@@ -40,7 +40,6 @@ def txt2img(
     with :class:`Cancelled`. ``on_step(done, total)`` reports progress.
     """
     choice = resolve_sampler(params.sampler_name, params.schedule_type)
-    pipe.scheduler = make_scheduler(choice, base_scheduler_config)
     device = pipe._execution_device
     dtype = pipe.unet.dtype
     latent_shape = (
@@ -59,6 +58,8 @@ def txt2img(
         # One generator per image for the sampler's own noise (ancestral/SDE), seeded like A1111.
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         done_before = it * params.steps
+        # a fresh scheduler per batch: SDE samplers seed their noise from the batch's first seed, as A1111
+        pipe.scheduler = make_scheduler(choice, base_scheduler_config, seed=int(seeds[0]))
 
         def step_end(_pipe, step, _timestep, kwargs, _done_before=done_before):
             if should_abort is not None and should_abort():

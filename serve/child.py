@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 
 from pipelines.errors import Cancelled, SDError
 
@@ -45,10 +46,12 @@ def run_worker(settings_dict: dict, jobs, events, draining, abort) -> None:
             break
         events.put(("started", job.job_id))
         if draining.is_set():
-            _fail(events, job.job_id, Cancelled("the server shut down before the job started"))
+            err = Cancelled("the server shut down before the job started")
+            engine.record_failure(job, err)
+            _fail(events, job.job_id, err)
             continue
         try:
-            result = engine.run(job, should_abort=abort.is_set)
+            result = engine.run(job, should_abort=abort.is_set, on_progress=_progress_reporter(events, job.job_id))
         except SDError as err:
             _fail(events, job.job_id, err)
         except BaseException as exc:  # noqa: BLE001 - a job must always end with an event
@@ -57,6 +60,19 @@ def run_worker(settings_dict: dict, jobs, events, draining, abort) -> None:
         else:
             events.put(("done", job.job_id, result))
     log.info("worker stopped")
+
+
+def _progress_reporter(events, job_id: str, every: float = 0.25):
+    """Send ``("progress", job_id, fraction)`` at most every ``every`` seconds (and at the end)."""
+    last = [0.0]
+
+    def report(fraction: float) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every or fraction >= 1.0:
+            last[0] = now
+            events.put(("progress", job_id, round(fraction, 4)))
+
+    return report
 
 
 def _fail(events, job_id: str, err: SDError) -> None:

@@ -74,7 +74,7 @@ class Engine:
         return {"device": self.device, "dtype": str(self.dtype).removeprefix("torch."), "torch": torch.__version__, "model_store": self.store.description}
 
     # -- one job -----------------------------------------------------------------------
-    def run(self, job: Job, should_abort) -> dict:
+    def run(self, job: Job, should_abort, on_progress=None) -> dict:
         """Run ``job`` to completion; returns the result dict or raises :class:`SDError` after recording the failure."""
         writer = open_writer(self.settings, job)
         record = new_record(job)
@@ -88,7 +88,7 @@ class Engine:
                 active = self._activate(ref, path)
             record["checkpoint"] = active.name
             with _phase(timings, "generate"):
-                images = self._generate(active, job, should_abort)
+                images = self._generate(active, job, should_abort, on_progress)
             with _phase(timings, "encode"):
                 infotexts, pngs = self._encode(active, job, images)
             with _phase(timings, "upload"):
@@ -109,6 +109,12 @@ class Engine:
         record.update(status="succeed", finished=utcnow(), progress=1.0, images=keys)
         writer.put_json(job.job_id, "job.json", record)
         return self._response(job, active, infotexts, pngs, record)
+
+    def record_failure(self, job: Job, err: SDError) -> None:
+        """Write a ``failed`` record for a job that never ran (e.g. drained at shutdown)."""
+        record = new_record(job)
+        record.update(status="failed", error=err.message, finished=utcnow())
+        _safe_put(open_writer(self.settings, job), job.job_id, record)
 
     def _fetch(self, name: str | None):
         if name is None:
@@ -145,10 +151,14 @@ class Engine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _generate(self, active: Active, job: Job, should_abort):
+    def _generate(self, active: Active, job: Job, should_abort, on_progress):
         from pipelines.txt2img import txt2img
 
-        return txt2img(active.loaded.pipe, active.base_scheduler_config, job.params, should_abort=should_abort)
+        def on_step(done: int, total: int) -> None:
+            if on_progress is not None:
+                on_progress(done / total)
+
+        return txt2img(active.loaded.pipe, active.base_scheduler_config, job.params, should_abort=should_abort, on_step=on_step)
 
     def _encode(self, active: Active, job: Job, images) -> tuple[list[str], list[bytes]]:
         from pipelines.infotext import build_infotext, png_with_infotext
@@ -161,27 +171,27 @@ class Engine:
         return infotexts, pngs
 
     def _infotext_params(self, active: Active, job: Job, index: int) -> dict[str, Any]:
+        from pipelines.infotext import a1111_params
+        from pipelines.samplers import resolve_sampler
+
         p = job.params
-        values: dict[str, Any] = {
-            "Steps": p.steps,
-            "Sampler": p.sampler_name,
-            "Schedule type": p.schedule_type,
-            "CFG scale": p.cfg_scale,
-            "Seed": p.seeds[index],
-            "Size": f"{p.width}x{p.height}",
-            "Model hash": active.short_hash,
-            "Model": active.name,
-        }
-        if p.subseed_strength > 0:
-            values["Variation seed"] = p.subseeds[index]
-            values["Variation seed strength"] = p.subseed_strength
-        if p.clip_stop_at_last_layers > 1:
-            values["Clip skip"] = p.clip_stop_at_last_layers
-        if p.batch_size > 1:
-            values["Batch size"] = p.batch_size
-            values["Batch pos"] = index % p.batch_size
-        values["Version"] = VERSION
-        return values
+        choice = resolve_sampler(p.sampler_name, p.schedule_type)
+        return a1111_params(
+            steps=p.steps,
+            sampler=p.sampler_name,
+            schedule=p.schedule_type,
+            cfg_scale=p.cfg_scale,
+            seed=p.seeds[index],
+            width=p.width,
+            height=p.height,
+            model_hash=active.short_hash,
+            model=active.name,
+            variation_seed=p.subseeds[index],
+            variation_seed_strength=p.subseed_strength,
+            clip_skip=p.clip_stop_at_last_layers,
+            extra=dict(choice.infotext_extra),
+            version=VERSION,
+        )
 
     def _params_record(self, job: Job, active: Active, ref) -> dict:
         loaded = active.loaded

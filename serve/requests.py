@@ -155,6 +155,7 @@ def _resolve(p: Txt2ImgPayload, settings: Settings, prefix: str, warnings: list[
     except InvalidParameter as exc:
         exc.field = f"{prefix}{exc.field or 'sampler_name'}"
         raise
+    warnings.extend(choice.warnings)
     overrides = p.override_settings or {}
     clip_stop = overrides.get("CLIP_stop_at_last_layers", 1)
     if not isinstance(clip_stop, int) or isinstance(clip_stop, bool) or not 1 <= clip_stop <= 12:

@@ -23,7 +23,7 @@ async def ping(request: Request) -> JSONResponse:
     """200 while the worker is ready or busy; 503 while starting, stopping, or after it died."""
     worker = request.app.state.worker
     state = worker.state
-    body = {"status": state.value, "running_job": worker.running_job, "queued": worker.pending}
+    body = {"status": state.value, "running_job": worker.running_job, "progress": worker.progress, "in_flight": worker.pending}
     if state in (WorkerState.READY, WorkerState.BUSY):
         return JSONResponse(body)
     body["reason"] = worker.reason

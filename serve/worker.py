@@ -53,6 +53,7 @@ class WorkerHandle:
         self._futures: dict[str, Future] = {}
         self._jobs_by_id: dict[str, Job] = {}
         self._running: str | None = None
+        self._progress = 0.0
         self._state = WorkerState.STARTING
         self._reason = ""
         self._started_at = 0.0
@@ -79,6 +80,11 @@ class WorkerHandle:
     @property
     def running_job(self) -> str | None:
         return self._running
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the running job's denoising steps done."""
+        return self._progress
 
     @property
     def pending(self) -> int:
@@ -153,8 +159,12 @@ class WorkerHandle:
                 log.info("worker ready: %s", event[1])
             elif kind == "fatal":
                 self._set_defunct_locked(event[1])
+            elif kind == "progress":
+                if event[1] == self._running:
+                    self._progress = event[2]
             elif kind == "started":
                 self._running = event[1]
+                self._progress = 0.0
                 if self._state == WorkerState.READY:
                     self._state = WorkerState.BUSY
             elif kind in ("done", "failed"):
@@ -183,11 +193,12 @@ class WorkerHandle:
             self._jobs_by_id.clear()
             running = self._running
             self._running = None
+        # the record first, then the answer: a client that reads job.json after its
+        # response must find the failure there
         for job_id, future in orphans:
-            err = GenerationFailed(reason)
-            future.set_exception(err)
             if job_id == running or stopping:
                 _record_orphan(self._settings, jobs.get(job_id), reason)
+            future.set_exception(GenerationFailed(reason))
 
     def _set_defunct_locked(self, reason: str) -> None:
         if self._state != WorkerState.DEFUNCT:
