@@ -35,6 +35,19 @@ _REFUSED_OVERRIDES = {
 }
 
 
+# A1111 fields that only matter with a feature off by default (hires fix) or that
+# only steer WebUI-side saving: accepted without comment while they are inert.
+_INERT_FIELDS = {
+    "denoising_strength", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
+    "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
+    "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "do_not_save_samples",
+    "do_not_save_grid", "save_images", "comments", "force_task_id", "infotext", "disable_extra_networks",
+    "refiner_switch_at", "firstpass_image", "s_min_uncond",
+}
+# k-diffusion "churn" knobs: A1111 defaults; other values change Euler/Heun/DPM2 there, not here.
+_CHURN_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
+
+
 @dataclass
 class Job:
     """A validated job, ready for the worker."""
@@ -138,7 +151,12 @@ def _refuse_unsupported(p: Txt2ImgPayload, prefix: str) -> list[str]:
             refuse(f"override_settings.{key}", f"{key}={value!r}")
         if key not in _HONOURED_OVERRIDES and not check:
             warnings.append(f"{prefix}override_settings.{key}: ignored (no effect on this server)")
-    extras = sorted(set(p.model_extra or {}))
+    extra_fields = p.model_extra or {}
+    for key, default in _CHURN_DEFAULTS.items():
+        value = extra_fields.get(key)
+        if value is not None and value != default and not (key == "s_tmax" and value in (None, float("inf"))):
+            warnings.append(f"{prefix}{key}={value!r}: not applied (diffusers schedulers have no churn)")
+    extras = sorted(set(extra_fields) - _INERT_FIELDS - set(_CHURN_DEFAULTS))
     if extras:
         warnings.append(f"ignored unknown fields: {', '.join(prefix + e for e in extras)}")
     return warnings

@@ -179,3 +179,50 @@ def test_bad_model_files_are_rejected_with_their_name(store, tmp_path):
         assert httpx.post(proc.url + "/invocations", json=SMALL, timeout=60).status_code == 200
     finally:
         proc.stop()
+
+
+def test_ping_is_503_while_starting_then_200(store, tmp_path):
+    proc = ServerProcess({"MODEL_STORE": str(store), "OUTPUT": str(tmp_path / "out"), "CACHE_DIR": str(tmp_path / "c")}, log_path=tmp_path / "log")
+    proc.start(wait_ready=False)
+    try:
+        seen = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(proc.url + "/ping", timeout=2)
+            except httpx.TransportError:
+                time.sleep(0.02)
+                continue
+            seen.append((r.status_code, r.json()["status"]))
+            if r.status_code == 200:
+                break
+            time.sleep(0.02)
+        assert seen[0] == (503, "starting"), seen[:3]
+        assert seen[-1] == (200, "ready")
+        r = httpx.post(proc.url + "/invocations", json=SMALL, timeout=60)
+        assert r.status_code == 200
+    finally:
+        proc.stop()
+
+
+def test_worker_that_cannot_start_makes_ping_fail_with_the_reason(tmp_path):
+    proc = ServerProcess({"MODEL_STORE": "ftp://nowhere/models", "OUTPUT": str(tmp_path / "out")}, log_path=tmp_path / "log")
+    proc.start(wait_ready=False)
+    try:
+        deadline = time.monotonic() + 60
+        body = {}
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(proc.url + "/ping", timeout=2)
+                body = r.json()
+                if body["status"] == "defunct":
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        assert r.status_code == 503 and body["status"] == "defunct"
+        assert "ftp://nowhere/models" in body["reason"]
+        r = httpx.post(proc.url + "/invocations", json=SMALL, timeout=10)
+        assert r.status_code == 503
+    finally:
+        proc.stop()

@@ -100,3 +100,10 @@ def test_checkpoint_override_and_clip_skip(settings):
 def test_legacy_sampler_name_carries_schedule(settings):
     p = build_job({"sampler_name": "DPM++ 2M Karras"}, settings).params
     assert (p.sampler_name, p.schedule_type) == ("DPM++ 2M", "Karras")
+
+
+def test_inert_a1111_fields_are_accepted_quietly(settings):
+    job = build_job({"hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.7, "s_churn": 0, "s_noise": 1, "do_not_save_grid": False}, settings)
+    assert job.warnings == []
+    job = build_job({"s_churn": 0.5}, settings)
+    assert "s_churn" in job.warnings[0]

@@ -123,8 +123,11 @@ class SeaweedServer:
             f"-volume.port={volume}",
             f"-filer.port={filer}",
             f"-s3.port={s3}",
-            # Below ~100 volumes multipart uploads fail (each upload part may need a volume).
-            "-volume.max=100",
+            # Each bucket is a collection that grows by 7 volumes at a time, and a test
+            # session creates dozens of buckets: with ~100 slots uploads start failing
+            # with InternalError ("no free volumes"). Volumes are sparse files, so
+            # many slots cost no disk until used.
+            "-volume.max=2000",
             "-master.volumeSizeLimitMB=64",
         ]
         self._log = open(self.tmpdir / "weed.log", "wb")
