@@ -18,7 +18,14 @@ def write_bench_checkpoint(store: Path) -> Path:
 
 
 def check_quiet() -> None:
-    """Print the load average: these machines are shared, and a busy core skews every number."""
+    """Set the offline environment, quiet library logs, and print the load average
+    (these machines are shared, and a busy core skews every number)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
     load1, _, _ = os.getloadavg()
     note = "  (busy: numbers will be noisy)" if load1 > 0.5 else ""
     print(f"load average {load1:.2f} on {os.cpu_count()} cores{note}")
