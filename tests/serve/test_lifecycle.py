@@ -79,7 +79,7 @@ def test_queue_full_is_503_with_retry_after(store, tmp_path):
     proc = start(store, tmp_path, QUEUE_SIZE="1")
     try:
         results: list = []
-        threads = [post_async(proc.url, SLOW, results, seed=i) for i in range(4)]
+        threads = [post_async(proc.url, {**SLOW, "steps": 30}, results, seed=i) for i in range(4)]
         for t in threads:
             t.join()
         codes = sorted(r.status_code for r in results)
