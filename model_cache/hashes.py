@@ -13,9 +13,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
+
+from model_cache.atomic import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +65,7 @@ class HashCache:
         return self._entries
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".hashes.", suffix=".json", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(self._entries, handle, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_bytes_atomic(self.path, json.dumps(self._entries, indent=1, sort_keys=True).encode())
 
     def sha256(self, path: Path) -> str:
         """sha256 hex of ``path``, from the sidecar when size and mtime_ns still match."""

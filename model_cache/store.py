@@ -26,6 +26,7 @@ from typing import Callable, Protocol, runtime_checkable
 from botocore.exceptions import ClientError
 
 from model_cache import names
+from model_cache.atomic import write_bytes_atomic
 from model_cache.s3 import ObjectChanged, download_file, is_not_found, parse_s3_uri
 from pipelines.errors import InvalidParameter, ModelNotFound
 
@@ -292,11 +293,7 @@ class S3Store:
 
     def _write_meta(self, bucket: str, key: str, ref: ModelRef) -> None:
         # Written after the data file is in place: a crash in between costs a re-download, never a stale hit.
-        meta = self._meta_path(bucket, key)
-        meta.parent.mkdir(parents=True, exist_ok=True)
-        tmp = meta.with_name(f".{meta.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(ref.etag or "")
-        os.replace(tmp, meta)
+        write_bytes_atomic(self._meta_path(bucket, key), (ref.etag or "").encode())
 
 
 def open_store(uri: str, *, cache_dir: Path, s3_client_factory: Callable[[], object]) -> ModelStore:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
 from botocore.exceptions import ClientError
 
+from model_cache.atomic import write_bytes_atomic
 from model_cache.s3 import is_not_found, parse_s3_uri, put_bytes
 from pipelines.errors import InvalidParameter
 
@@ -79,21 +79,7 @@ class LocalOutputs:
     def put_bytes(self, job_id: str, name: str, data: bytes, content_type: str) -> str:
         """Write atomically (temp file + ``os.replace``); ``content_type`` has no meaning on disk."""
         path = self._path(job_id, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())  # a record must not be renamed into place before its bytes exist
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are for the user who mounted the folder
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_bytes_atomic(path, data)
         return str(path)
 
     def put_json(self, job_id: str, name: str, obj: Any) -> str:
