@@ -13,6 +13,7 @@ recorded otherwise; then uvicorn closes the remaining connections and exits.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 
@@ -74,8 +75,16 @@ def _serve(sock: socket.socket) -> int:
         access_log=False,
     )
     log.info("serving on %s:%d (model store %s, output %s)", settings.host, settings.port, settings.model_store, settings.output)
+    # uvicorn re-raises the stop signal once it has shut down; with the default
+    # handler that kills the process before finalizers run (leaking the worker
+    # queues' semaphores). This handler turns it into a normal exit instead.
+    signal.signal(signal.SIGTERM, _exit_after_shutdown)
     Server(config).run(sockets=[sock])
     return 0
+
+
+def _exit_after_shutdown(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":
