@@ -2,6 +2,13 @@
 
 The pipeline object is reused across jobs; only the scheduler is rebuilt per
 job (cheap, and it keeps the checkpoint's own betas and prediction type).
+
+Prompts are encoded by :mod:`pipelines.conditioning` (A1111 semantics: long
+prompts, emphasis, BREAK, clip skip) and handed to diffusers as embeddings.
+Prompt editing switches the conditioning between steps from the step-end
+callback, which may replace the loop's ``prompt_embeds`` (already
+``cat([negative, positive])`` under CFG) and, for SDXL, ``add_text_embeds``
+(the pooled embeds; A1111 switches those with the schedule too).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
+from pipelines.conditioning import ConditioningSchedule, Embeds, encode_prompts
 from pipelines.errors import Cancelled, GenerationFailed
 from pipelines.noise import batch_latents
 from pipelines.params import Txt2ImgParams
@@ -19,11 +27,6 @@ from pipelines.samplers import resolve_sampler
 from pipelines.schedulers import make_scheduler
 
 log = logging.getLogger(__name__)
-
-
-def diffusers_clip_skip(clip_stop_at_last_layers: int) -> int | None:
-    """A1111's "stop at last layers" N means diffusers' ``clip_skip`` N-1 (None for N=1)."""
-    return clip_stop_at_last_layers - 1 if clip_stop_at_last_layers > 1 else None
 
 
 def txt2img(
@@ -49,6 +52,7 @@ def txt2img(
     )
     total_steps = params.steps * params.n_iter
     images: list[Image.Image] = []
+    schedule: ConditioningSchedule | None = None
     for it in range(params.n_iter):
         lo, hi = it * params.batch_size, (it + 1) * params.batch_size
         seeds = params.seeds[lo:hi]
@@ -60,13 +64,18 @@ def txt2img(
         done_before = it * params.steps
         # a fresh scheduler per batch: SDE samplers seed their noise from the batch's first seed, as A1111
         pipe.scheduler = make_scheduler(choice, base_scheduler_config, seed=int(seeds[0]))
+        if schedule is None:
+            # Schedules count model calls, as A1111 does (x2 for second-order samplers).
+            schedule = encode_prompts(
+                pipe,
+                params.prompt,
+                params.negative_prompt,
+                params.steps * int(getattr(pipe.scheduler, "order", 1)),
+                params.clip_stop_at_last_layers,
+            )
+        embeds = schedule.at(0).repeat(len(seeds))
 
-        def step_end(_pipe, step, _timestep, kwargs, _done_before=done_before):
-            if should_abort is not None and should_abort():
-                raise Cancelled("job cancelled: the server is shutting down")
-            if on_step is not None:
-                on_step(_done_before + step + 1, total_steps)
-            return kwargs
+        step_end = _step_callback(schedule, len(seeds), params.steps, done_before, total_steps, should_abort, on_step)
 
         extra = {}
         if params.eta is not None and "eta" in _call_args(pipe):
@@ -74,15 +83,13 @@ def txt2img(
         try:
             with torch.inference_mode():
                 out = pipe(
-                    prompt=[params.prompt] * len(seeds),
-                    negative_prompt=[params.negative_prompt] * len(seeds),
+                    **_embeds_kwargs(embeds),
                     num_inference_steps=params.steps,
                     guidance_scale=params.cfg_scale,
                     width=params.width,
                     height=params.height,
                     latents=latents,
                     generator=generators,
-                    clip_skip=diffusers_clip_skip(params.clip_stop_at_last_layers),
                     callback_on_step_end=step_end,
                     output_type="pil",
                     **extra,
@@ -93,6 +100,43 @@ def txt2img(
             raise GenerationFailed(f"out of device memory at {params.width}x{params.height} batch {params.batch_size}: reduce size or batch_size") from exc
         images.extend(out.images)
     return images
+
+
+def _step_callback(schedule: ConditioningSchedule, batch: int, steps: int, done_before: int, total: int, should_abort, on_step):
+    """diffusers' ``callback_on_step_end``: abort, progress, and the conditioning for the next call."""
+
+    def step_end(pipe, step, _timestep, kwargs):
+        if should_abort is not None and should_abort():
+            raise Cancelled("job cancelled: the server is shutting down")
+        if on_step is not None:
+            # Loop iterations, not sampling steps: second-order samplers make ~2 per step.
+            on_step(done_before + min(steps, (step + 1) * steps // max(1, pipe.num_timesteps)), total)
+        if step + 1 in schedule.changes_at:
+            kwargs.update(_loop_tensors(pipe, schedule.at(step + 1).repeat(batch)))
+        return kwargs
+
+    return step_end
+
+
+def _embeds_kwargs(e: Embeds) -> dict:
+    """Pipeline call arguments for ``e`` (pooled ones only for SDXL)."""
+    kwargs = {"prompt_embeds": e.prompt_embeds, "negative_prompt_embeds": e.negative_prompt_embeds}
+    if e.pooled is not None:
+        kwargs["pooled_prompt_embeds"] = e.pooled
+        kwargs["negative_pooled_prompt_embeds"] = e.negative_pooled
+    return kwargs
+
+
+def _loop_tensors(pipe, e: Embeds) -> dict:
+    """``e`` as the denoising loop holds it: negative and positive concatenated under CFG."""
+
+    def both(neg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return (torch.cat([neg, pos]) if pipe.do_classifier_free_guidance else pos).to(pipe._execution_device)
+
+    tensors = {"prompt_embeds": both(e.negative_prompt_embeds, e.prompt_embeds)}
+    if e.pooled is not None:
+        tensors["add_text_embeds"] = both(e.negative_pooled, e.pooled)
+    return tensors
 
 
 def _call_args(pipe) -> set[str]:

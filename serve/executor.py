@@ -39,6 +39,7 @@ class Active:
     base_scheduler_config: dict
     sha256: str
     short_hash: str
+    extras: Any  # serve.extras.ExtraNetworks
 
 
 class Engine:
@@ -86,18 +87,20 @@ class Engine:
                 ref, path = self._fetch(job.params.checkpoint)
             with _phase(timings, "load"):
                 active = self._activate(ref, path)
+                prepared = active.extras.prepare(job.params)
             record["checkpoint"] = active.name
+            record["warnings"] += prepared.warnings
             with _phase(timings, "generate"):
-                images = self._generate(active, job, should_abort, on_progress)
+                images = self._generate(active, job, prepared, should_abort, on_progress)
             with _phase(timings, "encode"):
-                infotexts, pngs = self._encode(active, job, images)
+                infotexts, pngs = self._encode(active, job, prepared, images)
             with _phase(timings, "upload"):
                 keys = []
                 for n, data in enumerate(pngs):
                     name = f"image-{n}.png"
                     writer.put_bytes(job.job_id, name, data, "image/png")
                     keys.append(writer.uri(job.job_id, name))
-                writer.put_json(job.job_id, "params.json", self._params_record(job, active, ref))
+                writer.put_json(job.job_id, "params.json", self._params_record(job, active, ref, prepared))
         except Exception as exc:
             err = exc if isinstance(exc, SDError) else None
             if err is None:
@@ -108,7 +111,7 @@ class Engine:
             raise err from None
         record.update(status="succeed", finished=utcnow(), progress=1.0, images=keys)
         writer.put_json(job.job_id, "job.json", record)
-        return self._response(job, active, infotexts, pngs, record)
+        return self._response(job, active, infotexts, pngs, record, prepared)
 
     def record_failure(self, job: Job, err: SDError) -> None:
         """Write a ``failed`` record for a job that never ran (e.g. drained at shutdown)."""
@@ -137,8 +140,12 @@ class Engine:
         # side by side is what runs a small instance out of memory.
         self._release()
         sha256, short = self.hashes.file_hashes(path)
+        from serve.extras import ExtraNetworks
+
         loaded = load_pipeline(path, device=self.device, dtype=self.dtype)
-        self.active = Active(key, Path(ref.name).stem, loaded, dict(loaded.pipe.scheduler.config), sha256, short)
+        stem = Path(ref.name).stem
+        extras = ExtraNetworks(loaded, self.store, self.hashes, stem)
+        self.active = Active(key, stem, loaded, dict(loaded.pipe.scheduler.config), sha256, short, extras)
         return self.active
 
     def _release(self) -> None:
@@ -151,26 +158,30 @@ class Engine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _generate(self, active: Active, job: Job, should_abort, on_progress):
+    def _generate(self, active: Active, job: Job, prepared, should_abort, on_progress):
+        from dataclasses import replace
+
         from pipelines.txt2img import txt2img
 
         def on_step(done: int, total: int) -> None:
             if on_progress is not None:
                 on_progress(done / total)
 
-        return txt2img(active.loaded.pipe, active.base_scheduler_config, job.params, should_abort=should_abort, on_step=on_step)
+        # the text encoder sees the prompt without its extra-network tags; the infotext keeps them (as A1111)
+        params = replace(job.params, prompt=prepared.prompt, negative_prompt=prepared.negative_prompt)
+        return txt2img(active.loaded.pipe, active.base_scheduler_config, params, should_abort=should_abort, on_step=on_step)
 
-    def _encode(self, active: Active, job: Job, images) -> tuple[list[str], list[bytes]]:
+    def _encode(self, active: Active, job: Job, prepared, images) -> tuple[list[str], list[bytes]]:
         from pipelines.infotext import build_infotext, png_with_infotext
 
         infotexts, pngs = [], []
         for i, image in enumerate(images):
-            text = build_infotext(job.params.prompt, job.params.negative_prompt, self._infotext_params(active, job, i))
+            text = build_infotext(job.params.prompt, job.params.negative_prompt, self._infotext_params(active, job, prepared, i))
             infotexts.append(text)
             pngs.append(png_with_infotext(image, text))
         return infotexts, pngs
 
-    def _infotext_params(self, active: Active, job: Job, index: int) -> dict[str, Any]:
+    def _infotext_params(self, active: Active, job: Job, prepared, index: int) -> dict[str, Any]:
         from pipelines.infotext import a1111_params
         from pipelines.samplers import resolve_sampler
 
@@ -186,14 +197,16 @@ class Engine:
             height=p.height,
             model_hash=active.short_hash,
             model=active.name,
+            vae_hash=prepared.vae_infotext.get("VAE hash"),
+            vae=prepared.vae_infotext.get("VAE"),
             variation_seed=p.subseeds[index],
             variation_seed_strength=p.subseed_strength,
             clip_skip=p.clip_stop_at_last_layers,
-            extra=dict(choice.infotext_extra),
+            extra={**dict(choice.infotext_extra), **prepared.infotext},
             version=VERSION,
         )
 
-    def _params_record(self, job: Job, active: Active, ref) -> dict:
+    def _params_record(self, job: Job, active: Active, ref, prepared) -> dict:
         loaded = active.loaded
         return {
             "job_id": job.job_id,
@@ -207,13 +220,14 @@ class Engine:
                 "family": loaded.family,
                 "prediction_type": loaded.prediction_type,
             },
+            "networks": prepared.records,
             "device": self.device,
             "dtype": str(self.dtype).removeprefix("torch."),
             "request": job.payload,
-            "warnings": job.warnings,
+            "warnings": job.warnings + prepared.warnings,
         }
 
-    def _response(self, job: Job, active: Active, infotexts: list[str], pngs: list[bytes], record: dict) -> dict:
+    def _response(self, job: Job, active: Active, infotexts: list[str], pngs: list[bytes], record: dict, prepared) -> dict:
         p = job.params
         info = {
             "prompt": p.prompt,
@@ -247,6 +261,7 @@ class Engine:
             "images": [base64.b64encode(b).decode("ascii") for b in pngs] if inline else [],
             "info": json.dumps(info),
             "job": record,
+            "warnings": prepared.warnings,
         }
 
 

@@ -7,7 +7,6 @@ is answered 422 at once instead of after a trip through the worker queue.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -17,19 +16,16 @@ from pydantic import ValidationError
 
 from pipelines.errors import InvalidParameter
 from pipelines.params import Txt2ImgParams
+from pipelines.prompt import extract_networks, has_and, hypernet_specs, lora_specs
 from pipelines.samplers import resolve_sampler
 from serve.errors import MalformedBody
 from serve.schemas import Envelope, OutputSpec, Txt2ImgPayload
 from serve.settings import Settings
 
-_EXTRA_NETWORK = re.compile(r"<(lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
-_EMPHASIS = re.compile(r"[()\[\]]|\bBREAK\b")
-
 # override_settings we honour; others are reported back as ignored.
-_HONOURED_OVERRIDES = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}
+_HONOURED_OVERRIDES = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae"}
 # override_settings that would change the image and that we cannot honour yet: refused.
 _REFUSED_OVERRIDES = {
-    "sd_vae": lambda v: v not in (None, "", "Automatic"),
     "eta_noise_seed_delta": lambda v: v not in (None, 0),
     "randn_source": lambda v: v not in (None, "CPU"),
 }
@@ -136,14 +132,8 @@ def _refuse_unsupported(p: Txt2ImgPayload, prefix: str) -> list[str]:
             refuse("alwayson_scripts.controlnet", "ControlNet")
         if args not in (None, {}, {"args": []}):
             refuse(f"alwayson_scripts.{name}", f"always-on script '{name}'")
-    for fname, text in (("prompt", p.prompt), ("negative_prompt", p.negative_prompt)):
-        match = _EXTRA_NETWORK.search(text)
-        if match:
-            refuse(fname, f"extra network tag '{match.group(0)}' (LoRA/hypernetwork)")
+    _check_prompts(p, prefix)
     warnings: list[str] = []
-    for fname, text in (("prompt", p.prompt), ("negative_prompt", p.negative_prompt)):
-        if _EMPHASIS.search(text):
-            warnings.append(f"{prefix}{fname}: A1111 emphasis/BREAK syntax is passed to the text encoder literally (not weighted yet)")
     overrides = p.override_settings or {}
     for key, value in overrides.items():
         check = _REFUSED_OVERRIDES.get(key)
@@ -160,6 +150,25 @@ def _refuse_unsupported(p: Txt2ImgPayload, prefix: str) -> list[str]:
     if extras:
         warnings.append(f"ignored unknown fields: {', '.join(prefix + e for e in extras)}")
     return warnings
+
+
+def _check_prompts(p: Txt2ImgPayload, prefix: str) -> None:
+    """Extra-network tags must parse (names are resolved by the worker); AND is refused for now."""
+    _, tags = extract_networks(p.prompt)
+    lora_specs(tags, field=f"{prefix}prompt")
+    hypernet_specs(tags, field=f"{prefix}prompt")
+    _, negative_tags = extract_networks(p.negative_prompt)
+    if negative_tags:
+        raise InvalidParameter(
+            f"{prefix}negative_prompt: extra networks ('<{negative_tags[0].kind}:{negative_tags[0].name}…>') belong in the prompt",
+            field=f"{prefix}negative_prompt",
+        )
+    for fname, text in (("prompt", p.prompt), ("negative_prompt", p.negative_prompt)):
+        if has_and(text):
+            raise InvalidParameter(
+                f"{prefix}{fname}: AND (composable diffusion) is not supported yet; write one prompt",
+                field=f"{prefix}{fname}",
+            )
 
 
 def _resolve(p: Txt2ImgPayload, settings: Settings, prefix: str, warnings: list[str]) -> Txt2ImgParams:
@@ -181,6 +190,9 @@ def _resolve(p: Txt2ImgPayload, settings: Settings, prefix: str, warnings: list[
             f"{prefix}override_settings.CLIP_stop_at_last_layers: must be an integer between 1 and 12 (got {clip_stop!r})",
             field=f"{prefix}override_settings.CLIP_stop_at_last_layers",
         )
+    sd_vae = overrides.get("sd_vae")
+    if sd_vae is not None and not isinstance(sd_vae, str):
+        raise InvalidParameter(f"{prefix}override_settings.sd_vae: must be 'Automatic', 'None' or a VAE file name", field=f"{prefix}override_settings.sd_vae")
     checkpoint = overrides.get("sd_model_checkpoint")
     if checkpoint is not None and (not isinstance(checkpoint, str) or not checkpoint.strip()):
         raise InvalidParameter(f"{prefix}override_settings.sd_model_checkpoint: must be a model name", field=f"{prefix}override_settings.sd_model_checkpoint")
@@ -203,5 +215,6 @@ def _resolve(p: Txt2ImgPayload, settings: Settings, prefix: str, warnings: list[
         n_iter=p.n_iter,
         checkpoint=checkpoint.strip() if checkpoint else settings.default_checkpoint,
         clip_stop_at_last_layers=clip_stop,
+        sd_vae=sd_vae,
         eta=p.eta,
     )

@@ -73,7 +73,7 @@ async def _run(request: Request, task: str | None) -> JSONResponse:
             "parameters": job.parameters,
             "info": result["info"],
             "job_id": job_id,
-            "warnings": job.warnings,
+            "warnings": job.warnings + result.get("warnings", []),
             "job": result["job"],
         }
     )

@@ -63,10 +63,14 @@ def test_envelope(settings):
         ({"sampler_name": "Nope"}, "sampler_name", "Euler a"),
         ({"scheduler": "Nope"}, "scheduler", "Karras"),
         ({"enable_hr": True}, "enable_hr", "hires fix"),
-        ({"prompt": "a <lora:foo:0.8> cat"}, "prompt", "<lora:foo:0.8>"),
+        ({"prompt": "a <lora:foo:abc> cat"}, "prompt", "abc"),
+        ({"prompt": "a <lora::1> cat"}, "prompt", "name"),
+        ({"prompt": "a <wat:foo:1> cat"}, "prompt", "lora"),
+        ({"negative_prompt": "a <lora:foo:1>"}, "negative_prompt", "belong in the prompt"),
+        ({"prompt": "a cat AND a dog"}, "prompt", "AND"),
         ({"alwayson_scripts": {"controlnet": {"args": [{"enabled": True}]}}}, "alwayson_scripts.controlnet", "ControlNet"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 0}}, "override_settings.CLIP_stop_at_last_layers", "between 1 and 12"),
-        ({"override_settings": {"sd_vae": "other.safetensors"}}, "override_settings.sd_vae", "not supported"),
+        ({"override_settings": {"sd_vae": 3}}, "override_settings.sd_vae", "VAE file name"),
         ({"restore_faces": True}, "restore_faces", "not supported"),
     ],
 )
@@ -86,9 +90,10 @@ def test_envelope_errors_are_prefixed(settings):
 
 
 def test_unknown_fields_and_overrides_are_reported_not_dropped_silently(settings):
-    job = build_job({"prompt": "(a cat:1.2)", "frobnicate": 1, "override_settings": {"samples_format": "jpg"}}, settings)
+    job = build_job({"prompt": "(a cat:1.2) <lora:x:0.5>", "frobnicate": 1, "override_settings": {"samples_format": "jpg", "sd_vae": "x.pt"}}, settings)
     text = json.dumps(job.warnings)
-    assert "frobnicate" in text and "samples_format" in text and "emphasis" in text
+    assert "frobnicate" in text and "samples_format" in text and "sd_vae" not in text
+    assert job.params.prompt == "(a cat:1.2) <lora:x:0.5>" and job.params.sd_vae == "x.pt"
 
 
 def test_checkpoint_override_and_clip_skip(settings):
