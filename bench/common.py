@@ -29,3 +29,23 @@ def check_quiet() -> None:
     load1, _, _ = os.getloadavg()
     note = "  (busy: numbers will be noisy)" if load1 > 0.5 else ""
     print(f"load average {load1:.2f} on {os.cpu_count()} cores{note}")
+
+
+def write_full_sd15(path: Path) -> Path:
+    """A full-size SD1.5-shaped random-weight single file (fp16, ~2 GB, no sidecar: loads via the bundled config)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import container
+    from pipelines.ldm_export import export_state_dict, save_single_file
+
+    folder = Path(container.__file__).parent / "configs" / "sd15"
+    torch.manual_seed(0)
+    with torch.no_grad():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+    state = {k: v.to(torch.float16) for k, v in export_state_dict("sd1", unet, vae, text_encoder).items()}
+    del unet, vae, text_encoder
+    return save_single_file(path, state)

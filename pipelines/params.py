@@ -30,6 +30,7 @@ class Txt2ImgParams:
     n_iter: int
     checkpoint: str | None = None
     clip_stop_at_last_layers: int = 1
+    sdxl_clip_l_skip: bool = False  # A1111 "Clip skip SDXL": apply clip skip to SDXL's CLIP-L too
     sd_vae: str | None = None  # override_settings.sd_vae: None/"Automatic", "None", or a VAE/ file name
     eta: float | None = None
     styles: list[str] = field(default_factory=list)

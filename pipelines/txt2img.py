@@ -72,6 +72,7 @@ def txt2img(
                 params.negative_prompt,
                 params.steps * int(getattr(pipe.scheduler, "order", 1)),
                 params.clip_stop_at_last_layers,
+                sdxl_clip_l_skip=params.sdxl_clip_l_skip,
             )
         embeds = schedule.at(0).repeat(len(seeds))
 

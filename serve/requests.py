@@ -23,7 +23,7 @@ from serve.schemas import Envelope, OutputSpec, Txt2ImgPayload
 from serve.settings import Settings
 
 # override_settings we honour; others are reported back as ignored.
-_HONOURED_OVERRIDES = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae"}
+_HONOURED_OVERRIDES = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae", "sdxl_clip_l_skip"}
 # override_settings that would change the image and that we cannot honour yet: refused.
 _REFUSED_OVERRIDES = {
     "eta_noise_seed_delta": lambda v: v not in (None, 0),
@@ -216,5 +216,6 @@ def _resolve(p: Txt2ImgPayload, settings: Settings, prefix: str, warnings: list[
         checkpoint=checkpoint.strip() if checkpoint else settings.default_checkpoint,
         clip_stop_at_last_layers=clip_stop,
         sd_vae=sd_vae,
+        sdxl_clip_l_skip=bool(overrides.get("sdxl_clip_l_skip", False)),
         eta=p.eta,
     )

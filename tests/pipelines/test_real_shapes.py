@@ -15,7 +15,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 import container
 from pipelines.checkpoint import detect_family, load_pipeline
-from pipelines.ldm_export import export_state_dict, save_single_file
+from pipelines.ldm_export import export_state_dict
 
 CONFIGS = Path(container.__file__).parent / "configs"
 FAMILY = {"sd15": "sd1", "sd21": "sd2", "sd21-base": "sd2", "sdxl-base": "sdxl"}
@@ -73,12 +73,9 @@ def test_exported_real_architecture_is_detected(name):
 
 @pytest.mark.slow
 def test_full_size_sd15_loads_through_the_bundled_config(tmp_path):
-    torch.manual_seed(0)
-    unet, vae, te, _ = components("sd15", meta=False)
-    state = {k: v.to(torch.float16) for k, v in export_state_dict("sd1", unet, vae, te).items()}
-    del unet, vae, te
-    path = save_single_file(tmp_path / "sd15-random.safetensors", state)
-    del state
+    from bench.common import write_full_sd15
+
+    path = write_full_sd15(tmp_path / "sd15-random.safetensors")
     loaded = load_pipeline(path, device="cpu", dtype=torch.float32)
     assert loaded.family == "sd1" and loaded.config_dir.name == "sd15" and loaded.default_size == 512
     out = loaded.pipe(prompt="a photo of a cat", num_inference_steps=1, width=64, height=64, output_type="np").images

@@ -112,3 +112,8 @@ def test_inert_a1111_fields_are_accepted_quietly(settings):
     assert job.warnings == []
     job = build_job({"s_churn": 0.5}, settings)
     assert "s_churn" in job.warnings[0]
+
+
+def test_sdxl_clip_l_skip_override(settings):
+    assert build_job({"override_settings": {"sdxl_clip_l_skip": True}}, settings).params.sdxl_clip_l_skip
+    assert not build_job({}, settings).params.sdxl_clip_l_skip
