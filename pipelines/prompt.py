@@ -25,10 +25,10 @@ from pipelines.errors import InvalidParameter
 from pipelines.prompt_schedule import prompt_schedules
 
 __all__ = [
+    "SUPPORTED_NETWORKS",
     "HypernetSpec",
     "LoraSpec",
     "NetworkTag",
-    "SUPPORTED_NETWORKS",
     "extract_networks",
     "has_and",
     "hypernet_specs",
@@ -55,7 +55,7 @@ _ATTENTION_TOKEN = re.compile(
     re.VERBOSE,
 )
 # BREAK only as a whole word; the whitespace around it goes with it.
-_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
+_BREAK = re.compile(r"\bBREAK\b")
 _ROUND = 1.1
 _SQUARE = 1 / 1.1  # multiplied, not divided, so weights match A1111's floats
 
@@ -89,10 +89,15 @@ def parse_prompt_attention(text: str) -> list[list]:
             run[1] *= factor
 
     def add_text(chunk: str) -> None:
-        for index, part in enumerate(_BREAK.split(chunk)):
-            if index:
-                runs.append(["BREAK", -1])
-            runs.append([part, 1.0])
+        # Same pieces as A1111's split on r"\s*\bBREAK\b\s*", without that
+        # pattern's quadratic time on long runs of whitespace.
+        start = 0
+        for found in _BREAK.finditer(chunk):
+            piece = chunk[start : found.start()].rstrip()
+            runs.append([piece.lstrip() if start else piece, 1.0])
+            runs.append(["BREAK", -1])
+            start = found.end()
+        runs.append([chunk[start:].lstrip() if start else chunk, 1.0])
 
     for token in _ATTENTION_TOKEN.finditer(text):
         kind = token.lastgroup
@@ -140,7 +145,7 @@ SUPPORTED_NETWORKS = ("lora", "lyco", "hypernet")  # lyco: A1111's alias for lor
 # A1111's tag pattern is ``<(\w+):([^>]+)>``, so ``<lora:>`` is plain text
 # there. We also take an empty tag of a supported kind, so that it is reported
 # as malformed instead of being sent to the text encoder unnoticed.
-_TAG = re.compile(r"<(\w+):([^>]*)>")
+_TAG_KIND = re.compile(r"(\w+):")
 
 
 @dataclass(frozen=True)
@@ -181,17 +186,28 @@ def extract_networks(prompt: str) -> tuple[str, list[NetworkTag]]:
     Never raises: validation happens in :func:`lora_specs` and
     :func:`hypernet_specs`.
     """
+    # A hand scan for r"<(\w+):([^>]*)>" (the regex is quadratic on '<a:<a:...').
     tags: list[NetworkTag] = []
-
-    def take(match: re.Match) -> str:
-        kind, body = match.group(1), match.group(2)
-        if not body and kind not in SUPPORTED_NETWORKS:
-            return match.group()  # not a tag for A1111 either: leave the text
-        name, *args = body.split(":")
-        tags.append(NetworkTag(kind, name, tuple(args)))
-        return ""
-
-    return _TAG.sub(take, prompt), tags
+    kept: list[str] = []
+    start = 0  # prompt[start:] is not yet copied to kept
+    opening = prompt.find("<")
+    closing = -1
+    while opening >= 0:
+        kind = _TAG_KIND.match(prompt, opening + 1)
+        if kind and closing < kind.end():
+            closing = prompt.find(">", kind.end())
+            if closing < 0:
+                break  # no '>' left: no more tags
+        if kind is None or (closing == kind.end() and kind.group(1) not in SUPPORTED_NETWORKS):
+            opening = prompt.find("<", opening + 1)  # not a tag (for A1111 either)
+            continue
+        name, *args = prompt[kind.end() : closing].split(":")
+        tags.append(NetworkTag(kind.group(1), name, tuple(args)))
+        kept.append(prompt[start:opening])
+        start = closing + 1
+        opening = prompt.find("<", start)
+    kept.append(prompt[start:])
+    return "".join(kept), tags
 
 
 def _check_kinds(tags: list[NetworkTag], field: str) -> None:
@@ -289,8 +305,7 @@ def hypernet_specs(tags: list[NetworkTag], field: str = "prompt") -> list[Hypern
 # AND (composable diffusion) and comments
 
 _AND = re.compile(r"\bAND\b")
-# A trailing ':weight' (with optional whitespace around the colon) ends a sub-prompt.
-_AND_WEIGHT = re.compile(r"(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*\Z")
+_AND_WEIGHT = re.compile(r"[-+]?(?:\d+\.?|\d*\.\d+)")
 
 
 def has_and(prompt: str) -> bool:
@@ -311,11 +326,14 @@ def split_and(prompt: str) -> list[tuple[str, float]]:
     """
     parts = []
     for part in _AND.split(prompt):
-        # The leftmost place the tail matches gives the shortest text, as
-        # A1111's lazy pattern does.
-        tail = _AND_WEIGHT.search(part)
-        weight = tail.group(1)
-        parts.append((part[: tail.start()], float(weight) if weight is not None else 1.0))
+        # A1111 matches r"^(.*?)(?:\s*:\s*(NUMBER))?\s*$" (quadratic on long
+        # whitespace). Equivalently: the weight, if any, follows the last ':'.
+        text = part.rstrip()
+        colon = text.rfind(":")
+        if colon >= 0 and _AND_WEIGHT.fullmatch(text[colon + 1 :].lstrip()):
+            parts.append((text[:colon].rstrip(), float(text[colon + 1 :])))
+        else:
+            parts.append((text, 1.0))
     return parts
 
 
