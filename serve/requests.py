@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from pipelines.errors import InvalidParameter
 from pipelines.params import Txt2ImgParams
-from pipelines.prompt import extract_networks, has_and, hypernet_specs, lora_specs
+from pipelines.prompt import extract_networks, has_and, hypernet_specs, lora_specs, strip_comments
 from pipelines.samplers import resolve_sampler
 from serve.errors import MalformedBody
 from serve.schemas import Envelope, OutputSpec, Txt2ImgPayload
@@ -154,17 +154,17 @@ def _refuse_unsupported(p: Txt2ImgPayload, prefix: str) -> list[str]:
 
 def _check_prompts(p: Txt2ImgPayload, prefix: str) -> None:
     """Extra-network tags must parse (names are resolved by the worker); AND is refused for now."""
-    _, tags = extract_networks(p.prompt)
+    _, tags = extract_networks(strip_comments(p.prompt))
     lora_specs(tags, field=f"{prefix}prompt")
     hypernet_specs(tags, field=f"{prefix}prompt")
-    _, negative_tags = extract_networks(p.negative_prompt)
+    _, negative_tags = extract_networks(strip_comments(p.negative_prompt))
     if negative_tags:
         raise InvalidParameter(
             f"{prefix}negative_prompt: extra networks ('<{negative_tags[0].kind}:{negative_tags[0].name}…>') belong in the prompt",
             field=f"{prefix}negative_prompt",
         )
     for fname, text in (("prompt", p.prompt), ("negative_prompt", p.negative_prompt)):
-        if has_and(text):
+        if has_and(strip_comments(text)):
             raise InvalidParameter(
                 f"{prefix}{fname}: AND (composable diffusion) is not supported yet; write one prompt",
                 field=f"{prefix}{fname}",
@@ -200,8 +200,9 @@ def _resolve(p: Txt2ImgPayload, settings: Settings, prefix: str, warnings: list[
     seed = p.seed if p.seed != -1 else secrets.randbelow(2**32)
     subseed = p.subseed if p.subseed != -1 else secrets.randbelow(2**32)
     return Txt2ImgParams(
-        prompt=p.prompt,
-        negative_prompt=p.negative_prompt,
+        # A1111 drops "# comments" (its default); the payload echoed back keeps them
+        prompt=strip_comments(p.prompt),
+        negative_prompt=strip_comments(p.negative_prompt),
         seeds=[(seed + i) % 2**32 for i in range(count)],
         subseeds=[(subseed + i) % 2**32 for i in range(count)],
         subseed_strength=p.subseed_strength,

@@ -117,3 +117,9 @@ def test_inert_a1111_fields_are_accepted_quietly(settings):
 def test_sdxl_clip_l_skip_override(settings):
     assert build_job({"override_settings": {"sdxl_clip_l_skip": True}}, settings).params.sdxl_clip_l_skip
     assert not build_job({}, settings).params.sdxl_clip_l_skip
+
+
+def test_prompt_comments_are_dropped_as_in_a1111(settings):
+    job = build_job({"prompt": "a cat # not this\non a mat"}, settings)
+    assert "not this" not in job.params.prompt and "a cat" in job.params.prompt and "on a mat" in job.params.prompt
+    assert job.parameters["prompt"] == "a cat # not this\non a mat"
