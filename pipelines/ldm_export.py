@@ -60,7 +60,7 @@ def _resnet(rest: str) -> str:
     return f"{_UNET_RESNET.get(head, head)}.{tail}"
 
 
-def _unet_key(key: str, layers: int, up_has_attn: set[int]) -> str:
+def unet_key(key: str, layers: int, up_has_attn: set[int]) -> str:
     """Map one diffusers UNet key to its LDM name (without the prefix)."""
     for diffusers, ldm in _UNET_FIXED.items():
         if key.startswith(diffusers + "."):
@@ -100,7 +100,7 @@ def export_unet(unet) -> dict[str, torch.Tensor]:
         raise InvalidParameter("per-block layers_per_block has no LDM layout", field="unet")
     sd = unet.state_dict()
     up_has_attn = {int(k.split(".")[1]) for k in sd if re.match(r"up_blocks\.\d+\.attentions\.", k)}
-    return {UNET_PREFIX + _unet_key(k, layers, up_has_attn): v for k, v in sd.items()}
+    return {UNET_PREFIX + unet_key(k, layers, up_has_attn): v for k, v in sd.items()}
 
 
 def _vae_key(key: str, n_up: int) -> str:

@@ -146,7 +146,7 @@ def layer_table(pipe, family: str) -> dict[str, dict[str, LayerInfo]]:
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from pipelines.ldm_export import _unet_key  # the tested diffusers → LDM UNet naming
+    from pipelines.ldm_export import unet_key  # the tested diffusers → LDM UNet naming
 
     table: dict[str, dict[str, LayerInfo]] = {}
     for component in set(_KOHYA_COMPONENTS[family].values()):
@@ -171,7 +171,7 @@ def layer_table(pipe, family: str) -> dict[str, dict[str, LayerInfo]]:
             aliases = {name}
             if component == "unet" and isinstance(layers, int):
                 try:
-                    aliases.add(_unet_key(name + ".weight", layers, up_attn).removesuffix(".weight"))
+                    aliases.add(unet_key(name + ".weight", layers, up_attn).removesuffix(".weight"))
                 except InvalidParameter:
                     pass
             elif component != "unet":

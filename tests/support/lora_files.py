@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.ldm_export import _unet_key
+from pipelines.ldm_export import unet_key
 
 _TE_PREFIX = {"sd1": {"text_encoder": "lora_te_"}, "sd2": {"text_encoder": "lora_te_"}}
 _TE_PREFIX["sdxl"] = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -79,7 +79,7 @@ def kohya_layer_name(pipe, family: str, component: str, name: str, *, ldm_names:
     if ldm_names:
         layers = pipe.unet.config.layers_per_block
         up_attn = {int(n.split(".")[1]) for n, _ in pipe.unet.named_modules() if re.match(r"up_blocks\.\d+\.attentions\.\d+$", n)}
-        name = _unet_key(name + ".weight", layers, up_attn).removesuffix(".weight")
+        name = unet_key(name + ".weight", layers, up_attn).removesuffix(".weight")
     return "lora_unet_" + name.replace(".", "_")
 
 
