@@ -129,6 +129,10 @@ class SeaweedServer:
             # many slots cost no disk until used.
             "-volume.max=2000",
             "-master.volumeSizeLimitMB=64",
+            # The Iceberg and Lance side servers bind fixed ports (8181, 9101) by
+            # default: two test sessions on one machine would collide. Off.
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
         ]
         self._log = open(self.tmpdir / "weed.log", "wb")
         self.process = subprocess.Popen(
