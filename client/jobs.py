@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 from client.config import EXIT_NOT_FOUND, CliError
 
 INDEX = "_index/"
+FIRST_PAGE = 100
 REV_BASE = 9999999999999
 STATUSES = ("created", "inprogress", "succeed", "failed", "cancelled")
 FINAL = ("succeed", "failed", "cancelled")
@@ -168,7 +169,8 @@ class JobStore:
             # Jobs created at or before ``until`` have rev >= rev(until). "<rev-1>~" sorts after
             # every key of rev-1 ("~" > "_") and before every key of rev: StartAfter skips newer jobs.
             start_after = f"{INDEX}{REV_BASE - epoch_ms(until) - 1:013d}~"
-        for page in self.loc.pages(INDEX, start_after):
+        # most listings want the latest few: a small first LIST, full pages after
+        for page in self.loc.pages(INDEX, start_after, first_page=FIRST_PAGE):
             for key in page:
                 entry = parse_index_key(key)
                 if entry is not None:

@@ -77,9 +77,13 @@ class S3Location:
         except (ClientError, BotoCoreError) as exc:
             raise aws_error(exc, self.uri(rel)) from None
 
-    def pages(self, rel_prefix: str, start_after: str | None = None) -> Iterator[list[str]]:
-        """Pages of relative keys under ``rel_prefix`` in ascending order; one LIST call per page."""
-        kwargs = {"Bucket": self.bucket, "Prefix": self.prefix + rel_prefix, "MaxKeys": PAGE}
+    def pages(self, rel_prefix: str, start_after: str | None = None, first_page: int = PAGE) -> Iterator[list[str]]:
+        """Pages of relative keys under ``rel_prefix`` in ascending order; one LIST call per page.
+
+        ``first_page`` keeps the first LIST small when the caller usually needs only
+        the first few keys (the latest jobs); later pages are full size.
+        """
+        kwargs = {"Bucket": self.bucket, "Prefix": self.prefix + rel_prefix, "MaxKeys": min(first_page, PAGE)}
         if start_after:
             kwargs["StartAfter"] = self.prefix + start_after
         while True:
@@ -92,6 +96,7 @@ class S3Location:
                 return
             kwargs.pop("StartAfter", None)
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
+            kwargs["MaxKeys"] = PAGE
 
 
 class LocalLocation:
@@ -126,8 +131,8 @@ class LocalLocation:
         except FileNotFoundError:
             pass
 
-    def pages(self, rel_prefix: str, start_after: str | None = None) -> Iterator[list[str]]:
-        """Files under the folder part of ``rel_prefix`` (one level), ascending, in pages."""
+    def pages(self, rel_prefix: str, start_after: str | None = None, first_page: int = PAGE) -> Iterator[list[str]]:
+        """Files under the folder part of ``rel_prefix`` (one level), ascending, in pages (``first_page`` unused: a listdir is one call)."""
         folder, _, name_prefix = rel_prefix.rpartition("/")
         base = self.root / folder if folder else self.root
         try:
