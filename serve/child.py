@@ -31,6 +31,10 @@ def run_worker(settings_dict: dict, jobs, events, draining, abort) -> None:
 
     settings = Settings(**settings_dict)
     configure_logging(settings.log_level)
+    # a job the previous worker left running (kill -9, instance restart) is failed "interrupted"
+    from serve.records import recover_interrupted
+
+    recover_interrupted(settings)
     try:
         from serve.executor import Engine
 

@@ -46,6 +46,14 @@ class NotAccepting(Exception):
         self.state = state
 
 
+class JobConflict(Exception):
+    """A job with this id is already queued or running in this process (HTTP 409)."""
+
+    def __init__(self, job_id: str):
+        super().__init__(f"job '{job_id}' is already queued or running on this instance")
+        self.job_id = job_id
+
+
 class JobTimeout(Exception):
     """A real-time request waited longer than REQUEST_TIMEOUT (HTTP 504); the job goes on."""
 
@@ -69,6 +77,8 @@ def error_response(exc: BaseException, job_id: str | None = None) -> JSONRespons
     elif isinstance(exc, NotAccepting):
         status, kind, detail = 503, "unavailable", f"not accepting jobs: {exc}"
         headers["Retry-After"] = RETRY_AFTER_S
+    elif isinstance(exc, JobConflict):
+        status, kind, detail, field = 409, "conflict", str(exc), "id"
     elif isinstance(exc, JobTimeout):
         status, kind, detail = 504, "timeout", str(exc)
     elif isinstance(exc, SDError):

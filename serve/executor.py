@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import ModelNotFound, SDError
+from pipelines.errors import Cancelled, ModelNotFound, SDError
 from serve.errors import clean_message
-from serve.records import new_record, open_writer, utcnow
+from serve.jobs_index import TERMINAL
+from serve.records import CANCEL_MARKER, Heartbeat, JobRecorder, RunningFile, endpoint_name, open_writer, output_uri, utcnow
 from serve.requests import Job
 from serve.settings import Settings
 
@@ -76,48 +77,98 @@ class Engine:
 
     # -- one job -----------------------------------------------------------------------
     def run(self, job: Job, should_abort, on_progress=None) -> dict:
-        """Run ``job`` to completion; returns the result dict or raises :class:`SDError` after recording the failure."""
+        """Run ``job`` to completion; returns the result dict or raises :class:`SDError` after recording the failure.
+
+        A job id whose record already says ``succeed`` is answered from storage
+        (SageMaker async may deliver a request twice); a ``cancel`` marker stops the
+        job before it starts or at the next denoising step (checked at most once a second).
+        """
         writer = open_writer(self.settings, job)
-        record = new_record(job)
+        existing = writer.get_json(job.job_id, "job.json")
+        if existing is not None and existing.get("status") == "succeed":
+            log.info("job %s already succeeded: answering from %s", job.job_id, writer.description)
+            return self._replay(job, writer, existing)
+        recorder = JobRecorder.open(writer, job, existing, endpoint=endpoint_name(self.settings))
+        record = recorder.record
         timings: dict[str, float] = {}
         record["timings"] = timings
-        writer.put_json(job.job_id, "job.json", record)
+        running = RunningFile(self.settings.cache_dir)
+        running.write(job.job_id, output_uri(self.settings, job))
+        watch = _CancelWatch(writer, job.job_id, should_abort)
+        phase = _Phases(recorder, running, job.job_id, output_uri(self.settings, job), timings)
         try:
-            with _phase(timings, "fetch"):
-                ref, path = self._fetch(job.params.checkpoint)
-            with _phase(timings, "load"):
-                active = self._activate(ref, path)
-                prepared = active.extras.prepare(job.params)
-            record["checkpoint"] = active.name
-            record["warnings"] += prepared.warnings
-            with _phase(timings, "generate"):
-                images = self._generate(active, job, prepared, should_abort, on_progress)
-            with _phase(timings, "encode"):
-                infotexts, pngs = self._encode(active, job, prepared, images)
-            with _phase(timings, "upload"):
-                keys = []
-                for n, data in enumerate(pngs):
-                    name = f"image-{n}.png"
-                    writer.put_bytes(job.job_id, name, data, "image/png")
-                    keys.append(writer.uri(job.job_id, name))
-                writer.put_json(job.job_id, "params.json", self._params_record(job, active, ref, prepared))
+            if not recorder.written:  # no client-written record: the container says "created" itself
+                recorder.transition("created")
+            if watch.marker_present():
+                recorder.transition("cancelled", error="cancelled before it started", progress=0.0)
+                raise Cancelled(f"job {job.job_id} was cancelled before it started")
+            recorder.transition("inprogress", started=utcnow(), heartbeat=utcnow())
+
+            def progress(fraction: float) -> None:
+                recorder.heartbeat(fraction)
+                if on_progress is not None:
+                    on_progress(fraction)
+
+            with Heartbeat(recorder):
+                with phase("fetch"):
+                    ref, path = self._fetch(job.params.checkpoint)
+                with phase("load"):
+                    active = self._activate(ref, path)
+                    prepared = active.extras.prepare(job.params)
+                record["checkpoint"] = active.name
+                record["warnings"] += prepared.warnings
+                with phase("generate"):
+                    images = self._generate(active, job, prepared, watch, progress)
+                with phase("encode"):
+                    infotexts, pngs = self._encode(active, job, prepared, images)
+                with phase("upload"):
+                    keys = []
+                    for n, data in enumerate(pngs):
+                        name = f"image-{n}.png"
+                        writer.put_bytes(job.job_id, name, data, "image/png")
+                        keys.append(writer.uri(job.job_id, name))
+                    info = self._info(active, job, infotexts, record)
+                    writer.put_json(job.job_id, "params.json", {**self._params_record(job, active, ref, prepared), "info": info})
         except Exception as exc:
             err = exc if isinstance(exc, SDError) else None
             if err is None:
                 log.exception("job %s failed", job.job_id)
                 err = SDError(clean_message(exc))
-            record.update(status="failed", error=err.message, finished=utcnow())
-            _safe_put(writer, job.job_id, record)
+            if recorder.status not in TERMINAL:
+                if isinstance(err, Cancelled) and watch.by_marker:
+                    err = Cancelled(f"job {job.job_id} was cancelled (cancel marker)")
+                    _safe_transition(recorder, "cancelled", error=err.message, phase=phase.current)
+                else:
+                    _safe_transition(recorder, "failed", error=err.message, phase=phase.current)
+            running.clear()
             raise err from None
-        record.update(status="succeed", finished=utcnow(), progress=1.0, images=keys)
-        writer.put_json(job.job_id, "job.json", record)
-        return self._response(job, active, infotexts, pngs, record, prepared)
+        recorder.transition("succeed", finished=utcnow(), progress=1.0, images=keys, phase=None, heartbeat=utcnow())
+        running.clear()
+        return self._response(job, pngs, info, record, prepared.warnings)
+
+    def _replay(self, job: Job, writer, record: dict) -> dict:
+        """The result of a job that already succeeded, read back from its output location."""
+        params = writer.get_json(job.job_id, "params.json") or {}
+        info = params.get("info") or {}
+        pngs: list[bytes] = []
+        if job.output.inline and job.send_images:
+            for uri in record.get("images", []):
+                data = writer.get_bytes(job.job_id, uri.rsplit("/", 1)[-1])
+                if data is not None:
+                    pngs.append(data)
+        return {**self._response(job, pngs, info, record, list(params.get("warnings") or [])), "replayed": True}
 
     def record_failure(self, job: Job, err: SDError) -> None:
         """Write a ``failed`` record for a job that never ran (e.g. drained at shutdown)."""
-        record = new_record(job)
-        record.update(status="failed", error=err.message, finished=utcnow())
-        _safe_put(open_writer(self.settings, job), job.job_id, record)
+        writer = open_writer(self.settings, job)
+        try:
+            existing = writer.get_json(job.job_id, "job.json")
+            if existing is not None and existing.get("status") in TERMINAL:
+                return
+            recorder = JobRecorder.open(writer, job, existing, endpoint=endpoint_name(self.settings))
+            recorder.transition("failed", error=err.message, finished=utcnow())
+        except Exception:
+            log.exception("could not write the failed record of job %s", job.job_id)
 
     def _fetch(self, name: str | None):
         if name is None:
@@ -227,9 +278,10 @@ class Engine:
             "warnings": job.warnings + prepared.warnings,
         }
 
-    def _response(self, job: Job, active: Active, infotexts: list[str], pngs: list[bytes], record: dict, prepared) -> dict:
+    def _info(self, active: Active, job: Job, infotexts: list[str], record: dict) -> dict:
+        """A1111's ``info`` object (kept in ``params.json`` so a replay can answer with it)."""
         p = job.params
-        info = {
+        return {
             "prompt": p.prompt,
             "all_prompts": [p.prompt] * p.image_count,
             "negative_prompt": p.negative_prompt,
@@ -256,13 +308,62 @@ class Engine:
             "job_timestamp": record["started"],
             "version": VERSION,
         }
+
+    def _response(self, job: Job, pngs: list[bytes], info: dict, record: dict, warnings: list[str]) -> dict:
         inline = job.output.inline and job.send_images
         return {
             "images": [base64.b64encode(b).decode("ascii") for b in pngs] if inline else [],
             "info": json.dumps(info),
             "job": record,
-            "warnings": prepared.warnings,
+            "warnings": warnings,
         }
+
+
+class _CancelWatch:
+    """``should_abort`` for the pipeline: the shutdown flag, or the job's ``cancel`` marker (≤ 1 HEAD/s)."""
+
+    def __init__(self, writer, job_id: str, should_abort, every: float = 1.0, clock=time.monotonic):
+        self._writer, self._job_id, self._abort = writer, job_id, should_abort
+        self._every, self._clock = every, clock
+        self._last = float("-inf")
+        self.by_marker = False
+
+    def marker_present(self) -> bool:
+        try:
+            present = self._writer.exists(self._job_id, CANCEL_MARKER)
+        except Exception:  # a storage hiccup must not kill the job
+            log.warning("could not check the cancel marker of job %s", self._job_id, exc_info=True)
+            return False
+        self.by_marker = self.by_marker or present
+        return present
+
+    def __call__(self) -> bool:
+        if self._abort is not None and self._abort():
+            return True
+        now = self._clock()
+        if now - self._last >= self._every:
+            self._last = now
+            return self.marker_present()
+        return False
+
+
+class _Phases:
+    """``with phase("load"):`` times the phase and records it in the record and ``running.json``."""
+
+    def __init__(self, recorder: JobRecorder, running: RunningFile, job_id: str, uri: str, timings: dict[str, float]):
+        self._recorder, self._running, self._job_id, self._uri, self._timings = recorder, running, job_id, uri, timings
+        self.current: str | None = None
+
+    @contextmanager
+    def __call__(self, name: str):
+        self.current = name
+        self._recorder.set_phase(name)
+        try:
+            self._running.write(self._job_id, self._uri, name)
+        except OSError:
+            log.warning("could not update %s", self._running.path, exc_info=True)
+        with _phase(self._timings, name):
+            yield
 
 
 @contextmanager
@@ -274,9 +375,9 @@ def _phase(timings: dict[str, float], name: str):
         timings[name] = round(time.perf_counter() - start, 4)
 
 
-def _safe_put(writer, job_id: str, record: dict) -> None:
+def _safe_transition(recorder: JobRecorder, status: str, **fields) -> None:
     try:
-        writer.put_json(job_id, "job.json", record)
+        recorder.transition(status, **fields)
     except Exception:
-        log.exception("could not write the failed record of job %s", job_id)
+        log.exception("could not write the %s record of job %s", status, recorder.job_id)
 

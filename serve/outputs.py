@@ -24,16 +24,28 @@ from model_cache.s3 import is_not_found, parse_s3_uri, put_bytes
 from pipelines.errors import InvalidParameter
 
 _SAFE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# a segment of a root-relative key (index entries are longer than job ids)
+_SEGMENT = re.compile(r"^[A-Za-z0-9._-]{1,250}$")
+#: Folders under the output root that are not jobs.
+RESERVED = frozenset({"_index"})
 
 
 def check_job_id(job_id: str, *, field: str = "id") -> str:
     """Return ``job_id`` if it is 1–128 of ``[A-Za-z0-9._-]`` and not ``.``/``..``; else InvalidParameter."""
-    if not isinstance(job_id, str) or not _SAFE.match(job_id) or job_id in (".", ".."):
+    if not isinstance(job_id, str) or not _SAFE.match(job_id) or job_id in (".", "..") or job_id in RESERVED:
         raise InvalidParameter(
-            f"job id {job_id!r} must be 1-128 characters of letters, digits, '.', '_' or '-' (and not '.' or '..')",
+            f"job id {job_id!r} must be 1-128 characters of letters, digits, '.', '_' or '-' (and not '.', '..' or '_index')",
             field=field,
         )
     return job_id
+
+
+def _check_key(key: str) -> str:
+    """A root-relative key like ``_index/<name>``: safe segments only, no ``.``/``..``."""
+    parts = key.split("/") if isinstance(key, str) else [None]
+    if not all(isinstance(p, str) and _SEGMENT.match(p) and p not in (".", "..") for p in parts):
+        raise InvalidParameter(f"invalid output key {key!r}", field="key")
+    return key
 
 
 def _check_name(name: str) -> str:
@@ -61,6 +73,16 @@ class OutputWriter(Protocol):
 
     def list_job_ids(self) -> list[str]: ...
 
+    def get_bytes(self, job_id: str, name: str) -> bytes | None: ...
+
+    def exists(self, job_id: str, name: str) -> bool: ...
+
+    def put_key(self, key: str, data: bytes = b"") -> None: ...
+
+    def delete_key(self, key: str) -> None: ...
+
+    def list_prefix(self, prefix: str) -> list[str]: ...
+
 
 class LocalOutputs:
     """Outputs in a local folder (``docker run -v``, plain Python runs)."""
@@ -87,16 +109,45 @@ class LocalOutputs:
 
     def get_json(self, job_id: str, name: str) -> dict | None:
         """The parsed file, or None when it does not exist."""
+        data = self.get_bytes(job_id, name)
+        return None if data is None else json.loads(data)
+
+    def get_bytes(self, job_id: str, name: str) -> bytes | None:
+        """The file's bytes, or None when it does not exist."""
         try:
-            return json.loads(self._path(job_id, name).read_bytes())
+            return self._path(job_id, name).read_bytes()
         except FileNotFoundError:
             return None
+
+    def exists(self, job_id: str, name: str) -> bool:
+        return self._path(job_id, name).is_file()
+
+    def put_key(self, key: str, data: bytes = b"") -> None:
+        """Write a root-relative key (index entries); atomic like every other write."""
+        write_bytes_atomic(self.root / _check_key(key), data)
+
+    def delete_key(self, key: str) -> None:
+        """Remove a root-relative key; absent is fine (as S3's DELETE)."""
+        (self.root / _check_key(key)).unlink(missing_ok=True)
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        """Root-relative keys starting with ``prefix`` (one folder level, e.g. ``_index/``), sorted."""
+        folder, _, start = prefix.rpartition("/")
+        base = self.root / _check_key(folder) if folder else self.root
+        if not base.is_dir():
+            return []
+        lead = f"{folder}/" if folder else ""
+        # temp files of atomic writes start with "." and are not keys
+        return sorted(lead + p.name for p in base.iterdir() if p.is_file() and p.name.startswith(start) and not p.name.startswith("."))
 
     def list_job_ids(self) -> list[str]:
         """Job folders present (unordered meaning; callers sort by their records)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _SAFE.match(p.name) and p.name not in (".", ".."))
+        return sorted(
+            p.name for p in self.root.iterdir()
+            if p.is_dir() and _SAFE.match(p.name) and p.name not in (".", "..") and p.name not in RESERVED
+        )
 
 
 class S3Outputs:
@@ -124,6 +175,10 @@ class S3Outputs:
         return self.put_bytes(job_id, name, _dumps(obj), "application/json")
 
     def get_json(self, job_id: str, name: str) -> dict | None:
+        data = self.get_bytes(job_id, name)
+        return None if data is None else json.loads(data)
+
+    def get_bytes(self, job_id: str, name: str) -> bytes | None:
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(job_id, name))["Body"]
         except ClientError as exc:
@@ -131,9 +186,36 @@ class S3Outputs:
                 return None
             raise
         try:
-            return json.loads(body.read())
+            return body.read()
         finally:
             body.close()
+
+    def exists(self, job_id: str, name: str) -> bool:
+        """One HEAD request."""
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(job_id, name))
+        except ClientError as exc:
+            if is_not_found(exc):
+                return False
+            raise
+        return True
+
+    def put_key(self, key: str, data: bytes = b"") -> None:
+        put_bytes(self.client, self.bucket, self.prefix + _check_key(key), data, "application/octet-stream")
+
+    def delete_key(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.prefix + _check_key(key))
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        """Root-relative keys starting with ``prefix`` (S3 order: ascending), all pages."""
+        folder = prefix.rpartition("/")[0]
+        if folder:
+            _check_key(folder)
+        keys: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+            keys.extend(obj["Key"][len(self.prefix):] for obj in page.get("Contents", []))
+        return keys
 
     def list_job_ids(self) -> list[str]:
         """Job "folders" under the prefix (one LIST with a delimiter, paginated)."""
@@ -142,7 +224,7 @@ class S3Outputs:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"):
             for common in page.get("CommonPrefixes", []):
                 job_id = common["Prefix"][len(self.prefix):].rstrip("/")
-                if _SAFE.match(job_id) and job_id not in (".", ".."):
+                if _SAFE.match(job_id) and job_id not in (".", "..") and job_id not in RESERVED:
                     ids.append(job_id)
         return sorted(ids)
 

@@ -1,4 +1,12 @@
-"""HTTP routes only: the SageMaker contract and the A1111-compatible subset."""
+"""HTTP routes only: the SageMaker contract and the A1111-compatible subset.
+
+Async answers: with ``"output": {"inline": false}`` the body keeps A1111's shape
+with ``"images": []`` and the job record under ``"job"`` (small; SageMaker stores
+it as the async output). A job stopped by its ``cancel``
+marker answers 503 ``{"error": "cancelled"}`` (as a shutdown cancel does), so
+SageMaker files it under its failure path; a job id already queued or running on
+this instance answers 409 ``{"error": "conflict"}``.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +17,14 @@ from fastapi.responses import JSONResponse
 
 from pipelines.samplers import list_samplers, list_schedulers
 from serve.errors import JobTimeout, error_response
+from serve.records import CANCEL_MARKER, open_writer_at
 from serve.requests import build_job, parse_body
 from serve.schemas import ErrorBody, Txt2ImgResponse
 from serve.worker import WorkerState
 
 router = APIRouter()
 
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 403, 404, 422, 500, 503, 504)}
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 403, 404, 409, 422, 500, 503, 504)}
 
 
 @router.get("/ping", responses={503: {"model": ErrorBody}})
@@ -40,6 +49,23 @@ async def invocations(request: Request) -> JSONResponse:
 async def sdapi_txt2img(request: Request) -> JSONResponse:
     """A1111's own route, for clients written against the WebUI API."""
     return await _run(request, task="txt2img")
+
+
+@router.post("/jobs/{job_id}/cancel", status_code=202, responses={422: {"model": ErrorBody}})
+async def cancel_job(job_id: str, request: Request) -> JSONResponse:
+    """Write the job's ``cancel`` marker (where the job writes, if it is queued or running here; else ``OUTPUT``).
+
+    The running job stops at its next step (within about a second); a queued one
+    is cancelled when it would start. Answers 202 with the marker's location.
+    """
+    settings = request.app.state.settings
+    uri = request.app.state.worker.output_of(job_id) or settings.output
+    try:
+        writer = open_writer_at(settings, uri)
+        marker = await asyncio.to_thread(writer.put_bytes, job_id, CANCEL_MARKER, b"", "application/octet-stream")
+    except Exception as exc:  # noqa: BLE001 - mapped in one place
+        return error_response(exc, job_id)
+    return JSONResponse({"job_id": job_id, "cancel": marker}, status_code=202)
 
 
 @router.get("/sdapi/v1/samplers")
@@ -67,6 +93,9 @@ async def _run(request: Request, task: str | None) -> JSONResponse:
             raise JobTimeout(f"job {job_id} did not finish within {settings.request_timeout:.0f} s; it goes on, see its job.json") from None
     except Exception as exc:  # noqa: BLE001 - mapped in one place
         return error_response(exc, job_id)
+    if not job.output.inline:
+        # SageMaker async stores the response as the job's output: keep it small, the record
+        return JSONResponse(result["job"])
     return JSONResponse(
         {
             "images": result["images"],

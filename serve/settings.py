@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, gt=0, description="Seconds a real-time request waits for its job before 504.")
     shutdown_grace: float = Field(25.0, gt=0, description="Seconds after SIGTERM for the running job to finish before it is failed.")
     worker_start_timeout: float = Field(300.0, gt=0, description="Seconds the worker may take to become ready before /ping reports it defunct.")
+    endpoint_name: str | None = Field(None, validation_alias=AliasChoices("ENDPOINT_NAME", "SAGEMAKER_ENDPOINT_NAME"), description="Endpoint name written into job records (for filtering job lists).")
     log_level: str = Field("info", description="Python log level.")
 
     def worker_view(self) -> dict:

@@ -17,12 +17,13 @@ from concurrent.futures import Future
 from enum import Enum
 from typing import Any
 
-from pipelines.errors import GenerationFailed, SDError, from_dict
-from serve.errors import NotAccepting, QueueFull
+from pipelines.errors import GenerationFailed, from_dict
+from serve.errors import JobConflict, NotAccepting, QueueFull
 from serve.requests import Job
 from serve.settings import Settings
 
 log = logging.getLogger(__name__)
+
 
 
 class WorkerState(str, Enum):
@@ -86,6 +87,14 @@ class WorkerHandle:
         """Fraction of the running job's denoising steps done."""
         return self._progress
 
+    def output_of(self, job_id: str) -> str | None:
+        """The output location of a job queued or running here (None if it is not)."""
+        with self._lock:
+            job = self._jobs_by_id.get(job_id)
+        if job is None:
+            return None
+        return job.output.uri or self._settings.output
+
     @property
     def pending(self) -> int:
         with self._lock:
@@ -127,7 +136,7 @@ class WorkerHandle:
             if len(self._futures) >= self._settings.queue_size + 1:
                 raise QueueFull()
             if job.job_id in self._futures:
-                raise SDError(f"job id '{job.job_id}' is already queued or running", field="id")
+                raise JobConflict(job.job_id)
             future: Future = Future()
             self._futures[job.job_id] = future
             self._jobs_by_id[job.job_id] = job
@@ -197,7 +206,7 @@ class WorkerHandle:
         # response must find the failure there
         for job_id, future in orphans:
             if job_id == running or stopping:
-                _record_orphan(self._settings, jobs.get(job_id), reason)
+                _record_orphan(self._settings, jobs.get(job_id), f"interrupted: {reason}")
             future.set_exception(GenerationFailed(reason))
 
     def _set_defunct_locked(self, reason: str) -> None:

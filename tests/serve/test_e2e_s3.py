@@ -65,7 +65,7 @@ def test_envelope_output_uri_overrides(s3_server_proc):
     body = {"id": "env-job", "payload": SMALL, "output": {"uri": f"s3://{srv.bucket}/elsewhere/", "inline": False}}
     r = httpx.post(srv.url + "/invocations", json=body, timeout=120)
     assert r.status_code == 200, r.text
-    assert r.json()["images"] == []
+    assert r.json()["status"] == "succeed" and r.json()["images"] == [f"s3://{srv.bucket}/elsewhere/env-job/image-0.png"]
     head = srv.client.head_object(Bucket=srv.bucket, Key="elsewhere/env-job/image-0.png")
     assert head["ContentLength"] > 0
 
