@@ -56,19 +56,28 @@ def _check_suffix(path: Path) -> str:
     return suffix
 
 
-def _unpickle(path: Path, *, mmap: bool) -> dict:
+def safe_torch_load(path: Path, kind: str | None = None, *, mmap: bool = False):
+    """``torch.load`` with ``weights_only=True``: a pickle that would run code is refused, nothing executed.
+
+    ``kind`` names the file's role in messages ("hypernetwork", "embedding"; None: a checkpoint).
+    Raises ModelRejected naming the file for unsafe or unreadable files.
+    """
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         # weights_only refuses any global outside torch's allowlist, before calling it.
         # torch's message is long and suggests weights_only=False; keep only the reason.
         reason = re.search(r"Unsupported[^\n]*?(?=\. Please|\.?$)", str(exc), re.M)
-        detail = reason.group(0) if reason else "it holds more than tensors"
-        raise ModelRejected(f"refusing to unpickle {path.name}: {detail}") from exc
+        detail = reason.group(0) if reason else "it holds more than tensors and plain data"
+        raise ModelRejected(f"refusing to unpickle {kind + ' ' if kind else ''}{path.name}: {detail}") from exc
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         if isinstance(exc, RuntimeError) and "memory" in str(exc).lower():
             raise  # out of memory is not the file's fault
-        raise ModelRejected(f"{path.name}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise ModelRejected(f"{path.name}: unreadable {kind or 'checkpoint'} file ({type(exc).__name__}: {exc})") from exc
+
+
+def _unpickle(path: Path, *, mmap: bool) -> dict:
+    data = safe_torch_load(path, mmap=mmap)
     # Lightning / A1111 files nest the weights under "state_dict".
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]

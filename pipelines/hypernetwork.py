@@ -34,9 +34,6 @@ import functools
 import inspect
 import logging
 import os
-import pickle
-import re
-import zipfile
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -127,17 +124,9 @@ class Hypernetwork:
 
 
 def _unpickle(path: Path) -> dict:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # weights_only refuses any global outside torch's allowlist before calling it.
-        reason = re.search(r"Unsupported[^\n]*?(?=\. Please|\.?$)", str(exc), re.MULTILINE)
-        detail = reason.group(0) if reason else "it holds more than tensors and plain data"
-        raise ModelRejected(f"refusing to unpickle hypernetwork {path.name}: {detail}") from exc
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
-        if isinstance(exc, RuntimeError) and "memory" in str(exc).lower():
-            raise
-        raise ModelRejected(f"{path.name}: unreadable hypernetwork file ({type(exc).__name__}: {exc})") from exc
+    from pipelines.checkpoint import safe_torch_load
+
+    data = safe_torch_load(path, "hypernetwork")
     if not isinstance(data, dict):
         raise ModelRejected(f"{path.name}: holds a {type(data).__name__}, not an A1111 hypernetwork dict")
     return data

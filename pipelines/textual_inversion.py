@@ -40,9 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
-import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,16 +91,9 @@ def _read_file(path: Path):
             return load_file(str(path), device="cpu")
         except SafetensorError as exc:
             raise ModelRejected(f"{path.name}: corrupt safetensors file ({exc})") from exc
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = re.search(r"Unsupported[^\n]*?(?=\. Please|\.?$)", str(exc), re.MULTILINE)
-        detail = reason.group(0) if reason else "it holds more than tensors and plain data"
-        raise ModelRejected(f"refusing to unpickle embedding {path.name}: {detail}") from exc
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
-        if isinstance(exc, RuntimeError) and "memory" in str(exc).lower():
-            raise
-        raise ModelRejected(f"{path.name}: unreadable embedding file ({type(exc).__name__}: {exc})") from exc
+    from pipelines.checkpoint import safe_torch_load
+
+    return safe_torch_load(path, "embedding")
 
 
 def _as_vectors(value, name: str) -> torch.Tensor:
