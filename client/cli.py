@@ -18,7 +18,6 @@ Exit codes (stable; scripts may test them):
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from datetime import datetime, timezone
@@ -27,33 +26,13 @@ from typing import List, Optional
 
 import typer
 
+from client.cli_common import err_console as _err_console
+from client.cli_common import handled
 from client.config import EXIT_JOB_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, CliError, Clients, Config
 from client.jobs import FINAL, RANK, STATUSES, JobStore, is_stale, latest, parse_time, png_text
 from client.storage import open_location
 
 app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False, rich_markup_mode=None)
-models_app = typer.Typer(help="List and upload models in the model store.", no_args_is_help=True)
-app.add_typer(models_app, name="models")
-
-
-def handled(func):
-    """Turn a :class:`CliError` into its message on stderr and its exit code."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except CliError as exc:
-            typer.echo(f"error: {exc.message}", err=True)
-            raise typer.Exit(exc.code) from None
-
-    return wrapper
-
-
-def _err_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 @app.callback()
@@ -361,59 +340,15 @@ def endpoints(
     Console(width=200).print(table)
 
 
-# ---------------------------------------------------------------- models
-@models_app.command("list")
-@handled
-def models_list(
-    ctx: typer.Context,
-    kind: Optional[str] = typer.Option(None, "--type", help="Stable-diffusion, Lora, VAE, …"),
-):
-    """Models in the store, per kind."""
-    from client.models import list_models
-    from model_cache.names import MODEL_KINDS
-
-    config: Config = ctx.obj
-    refs = list_models(config.require_models(), [kind] if kind else list(MODEL_KINDS), s3_factory=config.s3)
-    for ref in refs:
-        typer.echo(f"{ref.kind}/{ref.name}\t{ref.size}")
-
-
-@models_app.command("upload")
-@handled
-def models_upload(
-    ctx: typer.Context,
-    path: Path = typer.Argument(..., help="Local model file."),
-    kind: str = typer.Option(..., "--type", help="Stable-diffusion|Lora|hypernetworks|embeddings|VAE|ControlNet|annotators"),
-    name: Optional[str] = typer.Option(None, "--name", help="Name in the store (default: the file name)."),
-    force: bool = typer.Option(False, "--force", help="Replace a file with different content."),
-):
-    """Upload a model (multipart, progress bar, sha256 stored as metadata)."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-    from client.models import upload
-
-    config: Config = ctx.obj
-    store = config.require_models()
-    size = path.stat().st_size if path.is_file() else 0
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  console=_err_console()) as bar:
-        hashing = bar.add_task("sha256", total=size)
-        sending = bar.add_task("upload", total=size, visible=False)
-
-        def on_upload(n: int) -> None:
-            bar.update(sending, advance=n, visible=True)
-
-        result = upload(store, path, kind, name=name, force=force, s3_factory=config.s3,
-                        hash_progress=lambda n: bar.update(hashing, advance=n), upload_progress=on_upload)
-    if result.uploaded:
-        typer.echo(f"uploaded {result.location} sha256 {result.sha256}")
-    else:
-        typer.echo(f"already there: {result.location} sha256 {result.sha256}")
-
-
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+# the `models` sub-commands live in their own module; importing it registers them
+from client import cli_models  # noqa: E402
+
+app.add_typer(cli_models.models_app, name="models")
 
 
 if __name__ == "__main__":
