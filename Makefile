@@ -34,6 +34,8 @@ test-slow: install
 bench: install
 	$(PY) -m bench.serving_overhead
 	$(PY) -m bench.startup
+	$(PY) -m bench.jobs_list
+	$(PY) -m bench.lora_switch
 
 clean:
 	rm -rf $(VENV) .cache outputs
