@@ -84,7 +84,19 @@ class OutputWriter(Protocol):
     def list_prefix(self, prefix: str) -> list[str]: ...
 
 
-class LocalOutputs:
+class _JsonFiles:
+    """JSON on top of a backend's ``put_bytes`` / ``get_bytes``."""
+
+    def put_json(self, job_id: str, name: str, obj: Any) -> str:
+        return self.put_bytes(job_id, name, _dumps(obj), "application/json")
+
+    def get_json(self, job_id: str, name: str) -> dict | None:
+        """The parsed file, or None when it does not exist."""
+        data = self.get_bytes(job_id, name)
+        return None if data is None else json.loads(data)
+
+
+class LocalOutputs(_JsonFiles):
     """Outputs in a local folder (``docker run -v``, plain Python runs)."""
 
     def __init__(self, root: Path):
@@ -103,14 +115,6 @@ class LocalOutputs:
         path = self._path(job_id, name)
         write_bytes_atomic(path, data)
         return str(path)
-
-    def put_json(self, job_id: str, name: str, obj: Any) -> str:
-        return self.put_bytes(job_id, name, _dumps(obj), "application/json")
-
-    def get_json(self, job_id: str, name: str) -> dict | None:
-        """The parsed file, or None when it does not exist."""
-        data = self.get_bytes(job_id, name)
-        return None if data is None else json.loads(data)
 
     def get_bytes(self, job_id: str, name: str) -> bytes | None:
         """The file's bytes, or None when it does not exist."""
@@ -150,7 +154,7 @@ class LocalOutputs:
         )
 
 
-class S3Outputs:
+class S3Outputs(_JsonFiles):
     """Outputs under ``s3://bucket/prefix/`` (SageMaker async endpoints, shared buckets)."""
 
     def __init__(self, uri: str, client):
@@ -170,13 +174,6 @@ class S3Outputs:
         """One PUT with Content-MD5: atomic, and refused by S3 if the bytes were corrupted."""
         put_bytes(self.client, self.bucket, self._key(job_id, name), data, content_type)
         return self.uri(job_id, name)
-
-    def put_json(self, job_id: str, name: str, obj: Any) -> str:
-        return self.put_bytes(job_id, name, _dumps(obj), "application/json")
-
-    def get_json(self, job_id: str, name: str) -> dict | None:
-        data = self.get_bytes(job_id, name)
-        return None if data is None else json.loads(data)
 
     def get_bytes(self, job_id: str, name: str) -> bytes | None:
         try:
