@@ -8,7 +8,6 @@ only by ``serve.child`` in the spawned worker, and it imports the torch world
 from __future__ import annotations
 
 import base64
-import gc
 import json
 import logging
 import time
@@ -47,21 +46,14 @@ class Engine:
     """Owns the device, the model store and the resident pipeline; runs one job at a time."""
 
     def __init__(self, settings: Settings):
-        import torch
-
         from model_cache.hashes import HashCache
         from model_cache.s3 import make_s3_client
         from model_cache.store import open_store
+        from pipelines.device import resolve_device, resolve_dtype
 
         self.settings = settings
-        if settings.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        else:
-            self.device = settings.device
-        if settings.dtype == "auto":
-            self.dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
-        else:
-            self.dtype = getattr(torch, settings.dtype)
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
         self.store = open_store(
             settings.model_store,
             cache_dir=Path(settings.cache_dir),
@@ -71,9 +63,9 @@ class Engine:
         self.active: Active | None = None
 
     def describe(self) -> dict:
-        import torch
+        from pipelines.device import dtype_name, torch_version
 
-        return {"device": self.device, "dtype": str(self.dtype).removeprefix("torch."), "torch": torch.__version__, "model_store": self.store.description}
+        return {"device": self.device, "dtype": dtype_name(self.dtype), "torch": torch_version(), "model_store": self.store.description}
 
     # -- one job -----------------------------------------------------------------------
     def run(self, job: Job, should_abort, on_progress=None) -> dict:
@@ -203,11 +195,9 @@ class Engine:
         if self.active is None:
             return
         self.active = None
-        gc.collect()
-        import torch
+        from pipelines.device import release_memory
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
 
     def _generate(self, active: Active, job: Job, prepared, should_abort, on_progress):
         from dataclasses import replace
@@ -273,7 +263,7 @@ class Engine:
             },
             "networks": prepared.records,
             "device": self.device,
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": self.describe()["dtype"],
             "request": job.payload,
             "warnings": job.warnings + prepared.warnings,
         }
