@@ -2,24 +2,10 @@
 
 import pytest
 
-from tests.support.server import ServerProcess
+from tests.support.server import running_server
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_store, tmp_path_factory):
-    out = tmp_path_factory.mktemp("outputs")
-    proc = ServerProcess(
-        {
-            "MODEL_STORE": str(tiny_model_store),
-            "OUTPUT": str(out),
-            "CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
-            "DEFAULT_CHECKPOINT": "tiny-sd1",
-            "QUEUE_SIZE": "2",
-        },
-        log_path=out / "server.log",
-    ).start()
-    proc.output = out
-    try:
+    with running_server(tiny_model_store, tmp_path_factory.mktemp("server"), QUEUE_SIZE="2") as proc:
         yield proc
-    finally:
-        proc.stop()

@@ -12,7 +12,7 @@ import pytest
 from serve.jobs_index import index_key, parse_index_key
 from serve.outputs import open_output
 from tests.serve.test_lifecycle import make_store, wait_status
-from tests.support.server import ServerProcess
+from tests.support.server import ServerProcess, running_server
 
 SMALL = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "seed": 1}
 LONG = {"prompt": "x", "steps": 150, "width": 256, "height": 256, "batch_size": 2, "n_iter": 8, "seed": 1}
@@ -22,17 +22,8 @@ LONG = {"prompt": "x", "steps": 150, "width": 256, "height": 256, "batch_size": 
 def local(tiny_model_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("async")
     store = make_store(tiny_model_store, root / "models")
-    out = root / "out"
-    proc = ServerProcess(
-        {"MODEL_STORE": str(store), "OUTPUT": str(out), "CACHE_DIR": str(root / "cache"), "DEFAULT_CHECKPOINT": "tiny-sd1",
-         "SAGEMAKER_ENDPOINT_NAME": "ep-test"},
-        log_path=root / "server.log",
-    ).start()
-    proc.output = out
-    try:
+    with running_server(store, root, SAGEMAKER_ENDPOINT_NAME="ep-test") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def index_of(output, job_id):

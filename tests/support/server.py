@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -88,3 +89,18 @@ class ServerProcess:
                 pass
         self._log.close()
         return self.proc.returncode
+
+
+@contextmanager
+def running_server(model_store: Path, root: Path, **env: str):
+    """A started server over ``model_store`` writing to ``root/out`` (as ``.output``); stopped on exit."""
+    out = root / "out"
+    proc = ServerProcess(
+        {"MODEL_STORE": str(model_store), "OUTPUT": str(out), "CACHE_DIR": str(root / "cache"), "DEFAULT_CHECKPOINT": "tiny-sd1", **env},
+        log_path=root / "server.log",
+    )
+    proc.output = out
+    try:
+        yield proc.start()
+    finally:
+        proc.stop()
