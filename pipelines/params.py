@@ -41,3 +41,34 @@ class Txt2ImgParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Img2ImgParams(Txt2ImgParams):
+    """One img2img job, resolved: a txt2img job plus the start image (and an optional mask).
+
+    ``init_image`` and ``mask`` are PNG bytes already decoded and checked by the HTTP
+    process (``pipelines.image_input``); the size to generate is ``width`` x ``height``
+    and the image is brought there with A1111's ``resize_mode``.
+    """
+
+    init_image: bytes = b""
+    denoising_strength: float = 0.75
+    resize_mode: int = 0
+    mask: bytes | None = None
+    mask_blur: int = 4
+    inpainting_mask_invert: bool = False
+    inpainting_fill: int = 1
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 32
+    initial_noise_multiplier: float = 1.0
+
+    def to_dict(self) -> dict:
+        """Everything but the image bytes (``params.json`` records their sha256 instead)."""
+        import hashlib
+
+        data = asdict(self)
+        data["init_image"] = {"sha256": hashlib.sha256(self.init_image).hexdigest(), "bytes": len(self.init_image)}
+        if self.mask is not None:
+            data["mask"] = {"sha256": hashlib.sha256(self.mask).hexdigest(), "bytes": len(self.mask)}
+        return data

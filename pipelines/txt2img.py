@@ -1,4 +1,4 @@
-"""Run one resolved txt2img job on a loaded diffusers pipeline.
+"""Run one resolved txt2img job on a loaded diffusers pipeline (and the batch loop img2img shares).
 
 The pipeline object is reused across jobs; only the scheduler is rebuilt per
 job (cheap, and it keeps the checkpoint's own betas and prediction type).
@@ -42,26 +42,58 @@ def txt2img(
     ``should_abort`` is polled at every step; when it returns True the job stops
     with :class:`Cancelled`. ``on_step(done, total)`` reports progress.
     """
-    choice = resolve_sampler(params.sampler_name, params.schedule_type)
-    device = pipe._execution_device
-    dtype = pipe.unet.dtype
+
+    def call(noise: torch.Tensor, generators: list, embeds: dict, step_end, extra: dict):
+        return pipe(
+            **embeds,
+            num_inference_steps=params.steps,
+            guidance_scale=params.cfg_scale,
+            width=params.width,
+            height=params.height,
+            latents=noise,
+            generator=generators,
+            callback_on_step_end=step_end,
+            output_type="pil",
+            **extra,
+        ).images
+
     latent_shape = (
         pipe.unet.config.in_channels,
         params.height // pipe.vae_scale_factor,
         params.width // pipe.vae_scale_factor,
     )
-    total_steps = params.steps * params.n_iter
+    return run_batches(pipe, base_scheduler_config, params, latent_shape, call, steps_run=params.steps, should_abort=should_abort, on_step=on_step)
+
+
+def run_batches(
+    pipe,
+    base_scheduler_config: dict,
+    params: Txt2ImgParams,
+    latent_shape: tuple[int, int, int],
+    call: Callable,
+    *,
+    steps_run: int,
+    should_abort: Callable[[], bool] | None,
+    on_step: Callable[[int, int], None] | None,
+) -> list[Image.Image]:
+    """The batch loop txt2img and img2img share: seeded noise, a fresh scheduler and the conditioning per batch.
+
+    ``call(noise, generators, embeds_kwargs, step_end, extra)`` runs the diffusers
+    pipeline for one batch and returns its images; ``steps_run`` is how many
+    sampling steps one batch takes (fewer than ``params.steps`` for img2img).
+    """
+    choice = resolve_sampler(params.sampler_name, params.schedule_type)
+    device = pipe._execution_device
+    dtype = pipe.unet.dtype
+    total_steps = steps_run * params.n_iter
     images: list[Image.Image] = []
     schedule: ConditioningSchedule | None = None
     for it in range(params.n_iter):
         lo, hi = it * params.batch_size, (it + 1) * params.batch_size
         seeds = params.seeds[lo:hi]
-        latents = batch_latents(
-            seeds, params.subseeds[lo:hi], params.subseed_strength, latent_shape, device=device, dtype=dtype
-        )
+        noise = batch_latents(seeds, params.subseeds[lo:hi], params.subseed_strength, latent_shape, device=device, dtype=dtype)
         # One generator per image for the sampler's own noise (ancestral/SDE), seeded like A1111.
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        done_before = it * params.steps
         # a fresh scheduler per batch: SDE samplers seed their noise from the batch's first seed, as A1111
         pipe.scheduler = make_scheduler(choice, base_scheduler_config, seed=int(seeds[0]))
         if schedule is None:
@@ -75,31 +107,17 @@ def txt2img(
                 sdxl_clip_l_skip=params.sdxl_clip_l_skip,
             )
         embeds = schedule.at(0).repeat(len(seeds))
-
-        step_end = _step_callback(schedule, len(seeds), params.steps, done_before, total_steps, should_abort, on_step)
-
+        step_end = _step_callback(schedule, len(seeds), steps_run, it * steps_run, total_steps, should_abort, on_step)
         extra = {}
         if params.eta is not None and "eta" in _call_args(pipe):
             extra["eta"] = params.eta
         try:
             with torch.inference_mode():
-                out = pipe(
-                    **_embeds_kwargs(embeds),
-                    num_inference_steps=params.steps,
-                    guidance_scale=params.cfg_scale,
-                    width=params.width,
-                    height=params.height,
-                    latents=latents,
-                    generator=generators,
-                    callback_on_step_end=step_end,
-                    output_type="pil",
-                    **extra,
-                )
+                images.extend(call(noise, generators, _embeds_kwargs(embeds), step_end, extra))
         except Cancelled:
             raise
         except torch.OutOfMemoryError as exc:
             raise GenerationFailed(f"out of device memory at {params.width}x{params.height} batch {params.batch_size}: reduce size or batch_size") from exc
-        images.extend(out.images)
     return images
 
 

@@ -210,6 +210,10 @@ class Engine:
 
         # the text encoder sees the prompt without its extra-network tags; the infotext keeps them (as A1111)
         params = replace(job.params, prompt=prepared.prompt, negative_prompt=prepared.negative_prompt)
+        if job.task == "img2img":
+            from pipelines.img2img import img2img
+
+            return img2img(active.loaded.pipe, active.base_scheduler_config, params, should_abort=should_abort, on_step=on_step)
         return txt2img(active.loaded.pipe, active.base_scheduler_config, params, should_abort=should_abort, on_step=on_step)
 
     def _encode(self, active: Active, job: Job, prepared, images) -> tuple[list[str], list[bytes]]:
@@ -243,7 +247,8 @@ class Engine:
             variation_seed=p.subseeds[index],
             variation_seed_strength=p.subseed_strength,
             clip_skip=p.clip_stop_at_last_layers,
-            extra={**dict(choice.infotext_extra), **prepared.infotext},
+            denoising_strength=getattr(p, "denoising_strength", None),
+            extra={**dict(choice.infotext_extra), **_img2img_infotext(p), **prepared.infotext},
             version=VERSION,
         )
 
@@ -292,6 +297,7 @@ class Engine:
             "sd_model_name": active.name,
             "sd_model_hash": active.short_hash,
             "clip_skip": p.clip_stop_at_last_layers,
+            "denoising_strength": getattr(p, "denoising_strength", 0),
             "index_of_first_image": 0,
             "infotexts": infotexts,
             "styles": [],
@@ -307,6 +313,17 @@ class Engine:
             "job": record,
             "warnings": warnings,
         }
+
+
+def _img2img_infotext(p) -> dict[str, Any]:
+    """What A1111 adds to the infotext of an inpainting job (a plain img2img adds only the strength)."""
+    if getattr(p, "mask", None) is None:
+        return {}
+    extra: dict[str, Any] = {"Mask blur": p.mask_blur}
+    if p.inpaint_full_res:
+        extra["Inpaint area"] = "Only masked"
+        extra["Masked area padding"] = p.inpaint_full_res_padding
+    return extra
 
 
 class _CancelWatch:

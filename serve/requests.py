@@ -6,6 +6,7 @@ is answered 422 at once instead of after a trip through the worker queue.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import uuid
@@ -15,11 +16,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from pipelines.errors import InvalidParameter
-from pipelines.params import Txt2ImgParams
+from pipelines.params import Img2ImgParams, Txt2ImgParams
 from pipelines.prompt import extract_networks, has_and, hypernet_specs, lora_specs, strip_comments
 from pipelines.samplers import resolve_sampler
 from serve.errors import MalformedBody
-from serve.schemas import Envelope, OutputSpec, Txt2ImgPayload
+from serve.img2img import looks_like_img2img, resolve_img2img
+from serve.schemas import Envelope, Img2ImgPayload, OutputSpec, Txt2ImgPayload
 from serve.settings import Settings
 
 # override_settings we honour; others are reported back as ignored.
@@ -40,6 +42,10 @@ _INERT_FIELDS = {
     "do_not_save_grid", "save_images", "comments", "force_task_id", "infotext", "disable_extra_networks",
     "refiner_switch_at", "firstpass_image", "s_min_uncond",
 }
+# strings longer than this in a request are images (prompts are far shorter)
+_LONG_STRING = 8192
+# request keys that carry base64 images (img2img, ControlNet units)
+_IMAGE_KEYS = {"init_images", "mask", "image", "input_image", "mask_image"}
 # k-diffusion "churn" knobs: A1111 defaults; other values change Euler/Heun/DPM2 there, not here.
 _CHURN_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}
 
@@ -50,7 +56,7 @@ class Job:
 
     job_id: str
     task: str
-    params: Txt2ImgParams
+    params: Txt2ImgParams | Img2ImgParams
     output: OutputSpec
     payload: dict[str, Any]
     parameters: dict[str, Any] = field(default_factory=dict)
@@ -73,26 +79,50 @@ def build_job(body: dict[str, Any], settings: Settings, *, task: str | None = No
     """Validate a decoded body (envelope or bare payload) and resolve it into a :class:`Job`."""
     if "payload" in body:
         envelope = _validate(Envelope, body, settings, prefix="")
+        if task is not None and envelope.task != task:
+            raise InvalidParameter(f"task: this route runs {task}, the envelope says {envelope.task}", field="task")
     else:
-        envelope = Envelope(task=task or "txt2img", payload=body)
-    if envelope.task != "txt2img":
-        raise InvalidParameter(f"task '{envelope.task}' is not supported yet (supported: txt2img)", field="task")
+        envelope = Envelope(task=task or ("img2img" if looks_like_img2img(body) else "txt2img"), payload=body)
     if envelope.models:
         raise InvalidParameter("explicit model locations are not supported yet; name models as in A1111", field="models")
     prefix = "payload." if "payload" in body else ""
-    payload = _validate(Txt2ImgPayload, envelope.payload, settings, prefix=prefix)
+    schema = Img2ImgPayload if envelope.task == "img2img" else Txt2ImgPayload
+    payload = _validate(schema, envelope.payload, settings, prefix=prefix)
     warnings = _refuse_unsupported(payload, prefix)
     params = _resolve(payload, settings, prefix, warnings)
+    if envelope.task == "img2img":
+        params = resolve_img2img(payload, params, settings, prefix, warnings)
     return Job(
         job_id=envelope.id or str(uuid.uuid4()),
         task=envelope.task,
         params=params,
         output=envelope.output,
-        payload=envelope.payload,
-        parameters=payload.model_dump(exclude=set(payload.model_extra or ())),
+        payload=_without_images(envelope.payload),
+        parameters=_parameters(payload),
         send_images=payload.send_images,
         warnings=warnings,
     )
+
+
+def _without_images(value: Any, key: str = "") -> Any:
+    """The request as recorded in ``params.json``: images (and any very long string) become a short digest."""
+    if isinstance(value, dict):
+        return {k: _without_images(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_images(v, key) for v in value]
+    if isinstance(value, str) and (len(value) > _LONG_STRING or (key in _IMAGE_KEYS and len(value) > 64)):
+        digest = hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()[:16]
+        return f"<{len(value)} characters, sha256 {digest}>"
+    return value
+
+
+def _parameters(payload: Txt2ImgPayload) -> dict[str, Any]:
+    """A1111 echoes the request's parameters; images are echoed as placeholders, not megabytes of base64."""
+    data = payload.model_dump(exclude=set(payload.model_extra or ()))
+    if isinstance(payload, Img2ImgPayload):
+        data["init_images"] = [f"<image {i}>" for i in range(len(payload.init_images))]
+        data["mask"] = "<mask>" if payload.mask else None
+    return data
 
 
 def _validate(model, data: dict, settings: Settings, prefix: str):

@@ -41,7 +41,7 @@ async def ping(request: Request) -> JSONResponse:
 
 @router.post("/invocations", response_model=Txt2ImgResponse, responses=_ERRORS)
 async def invocations(request: Request) -> JSONResponse:
-    """A bare A1111 txt2img body or the envelope ``{task, id, payload, output}``."""
+    """A bare A1111 txt2img or img2img body (``init_images`` makes it img2img) or the envelope ``{task, id, payload, output}``."""
     return await _run(request, task=None)
 
 
@@ -49,6 +49,12 @@ async def invocations(request: Request) -> JSONResponse:
 async def sdapi_txt2img(request: Request) -> JSONResponse:
     """A1111's own route, for clients written against the WebUI API."""
     return await _run(request, task="txt2img")
+
+
+@router.post("/sdapi/v1/img2img", response_model=Txt2ImgResponse, responses=_ERRORS)
+async def sdapi_img2img(request: Request) -> JSONResponse:
+    """A1111's img2img route (init image, denoising strength, resize mode, mask)."""
+    return await _run(request, task="img2img")
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, responses={422: {"model": ErrorBody}})

@@ -1,4 +1,4 @@
-"""Request and response bodies: A1111 txt2img payloads and the design's envelope.
+"""Request and response bodies: A1111 txt2img/img2img payloads and the design's envelope.
 
 Strict where A1111 is strict (types, ranges), tolerant where A1111 clients send
 extras: unknown keys are accepted and reported back as warnings, never silently
@@ -74,6 +74,28 @@ class Txt2ImgPayload(BaseModel):
     @classmethod
     def _n_iter(cls, value: int, info: ValidationInfo) -> int:
         return _at_most(value, info, "max_n_iter")
+
+
+class Img2ImgPayload(Txt2ImgPayload):
+    """The body of A1111's ``POST /sdapi/v1/img2img`` (defaults as A1111's API).
+
+    Images stay strings here; ``serve.requests`` decodes and checks them.
+    """
+
+    init_images: list[Any] = Field(default_factory=list)
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
+    resize_mode: int | str = 0
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur: int | None = Field(None, ge=0, le=64)
+    mask_blur_x: int = Field(4, ge=0, le=64)
+    mask_blur_y: int = Field(4, ge=0, le=64)
+    inpainting_fill: int = Field(0, ge=0, le=3)
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = Field(0, ge=0, le=256)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    initial_noise_multiplier: float | None = Field(None, ge=0.0, le=1.5)
+    include_init_images: bool = False
 
 
 def _at_most(value: int, info: ValidationInfo, limit_name: str) -> int:

@@ -46,3 +46,11 @@ def test_sd_parsers_reads_our_png(server):
     assert sampler.parameters["scheduler"] == "Karras"
     assert sampler.model.name == "tiny-sd1" and len(sampler.model.hash) == 10
     assert image.size == (64, 64)
+
+
+def test_webuiapi_img2img(api):
+    start = Image.new("RGB", (80, 64), (200, 30, 30))
+    result = api.img2img(images=[start], prompt="a red cat", seed=5, width=64, height=64, denoising_strength=0.4, steps=5)
+    assert len(result.images) == 1 and result.images[0].size == (64, 64)
+    assert result.info["denoising_strength"] == 0.4 and result.info["all_seeds"] == [5]
+    assert "Denoising strength: 0.4" in result.info["infotexts"][0]

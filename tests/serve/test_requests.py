@@ -86,6 +86,8 @@ def test_envelope_errors_are_prefixed(settings):
     err = invalid({"payload": {}, "bogus": 1}, settings)
     assert err.field == "bogus" and "unknown field" in err.message
     err = invalid({"task": "img2img", "payload": {}}, settings)
+    assert err.field == "payload.init_images"
+    err = invalid({"task": "paint", "payload": {}}, settings)
     assert err.field == "task"
 
 
