@@ -101,8 +101,22 @@ def img2img(
     return run_from_latents(view, base_scheduler_config, params, init_latents, should_abort=should_abort, on_step=on_step)
 
 
-def run_from_latents(view, base_scheduler_config: dict, params: Img2ImgParams, init_latents: torch.Tensor, *, should_abort, on_step, extra_call: dict | None = None):
-    """Noise ``init_latents`` to the start step and sample the rest of the schedule, batch by batch."""
+def run_from_latents(
+    view,
+    base_scheduler_config: dict,
+    params: Img2ImgParams,
+    init_latents: torch.Tensor,
+    *,
+    should_abort,
+    on_step,
+    extra_call: dict | None = None,
+    start_latents: Callable[[torch.Tensor], torch.Tensor] | None = None,
+):
+    """Noise ``init_latents`` to the start step and sample the rest of the schedule, batch by batch.
+
+    ``start_latents(noise)``, when given, returns the latents to noise for a batch
+    (inpainting's latent fills use the batch's own noise).
+    """
     steps_run = a1111_steps_run(params.steps, params.denoising_strength)
     # diffusers runs int(steps * strength) steps: ask for exactly A1111's count
     strength = min(1.0, (steps_run + 0.5) / params.steps)
@@ -113,15 +127,13 @@ def run_from_latents(view, base_scheduler_config: dict, params: Img2ImgParams, i
         try:
             return view(
                 **embeds,
-                image=init_latents,
+                image=init_latents if start_latents is None else start_latents(noise),
                 strength=strength,
                 num_inference_steps=params.steps,
                 guidance_scale=params.cfg_scale,
                 generator=generators,
                 callback_on_step_end=step_end,
-                output_type="pil",
-                **extra,
-                **(extra_call or {}),
+                **{"output_type": "pil", **extra, **(extra_call or {})},
             ).images
         finally:
             view.seeded_noise = None

@@ -17,7 +17,13 @@ from pydantic import ValidationError
 
 from pipelines.errors import InvalidParameter
 from pipelines.params import Img2ImgParams, Txt2ImgParams
-from pipelines.prompt import extract_networks, has_and, hypernet_specs, lora_specs, strip_comments
+from pipelines.prompt import (
+    extract_networks,
+    has_and,
+    hypernet_specs,
+    lora_specs,
+    strip_comments,
+)
 from pipelines.samplers import resolve_sampler
 from serve.errors import MalformedBody
 from serve.img2img import looks_like_img2img, resolve_img2img

@@ -8,7 +8,13 @@ import torch
 from PIL import Image
 
 from pipelines.image_input import to_png_bytes
-from pipelines.img2img import a1111_steps_run, encode_init_image, img2img, img2img_view, prepare_init_image
+from pipelines.img2img import (
+    a1111_steps_run,
+    encode_init_image,
+    img2img,
+    img2img_view,
+    prepare_init_image,
+)
 from pipelines.params import Img2ImgParams
 from pipelines.tiny import build_tiny_pipeline
 
@@ -26,11 +32,11 @@ def init_image(size=(64, 64), seed=0):
 
 
 def params(image=None, **kw):
-    base = dict(
-        prompt="a cat", negative_prompt="", seeds=[11], subseeds=[12], subseed_strength=0.0, sampler_name="Euler",
-        schedule_type="Automatic", steps=10, cfg_scale=7.0, width=64, height=64, batch_size=1, n_iter=1,
-        init_image=to_png_bytes(image or init_image()), denoising_strength=0.5,
-    )
+    base = {
+        "prompt": "a cat", "negative_prompt": "", "seeds": [11], "subseeds": [12], "subseed_strength": 0.0, "sampler_name": "Euler",
+        "schedule_type": "Automatic", "steps": 10, "cfg_scale": 7.0, "width": 64, "height": 64, "batch_size": 1, "n_iter": 1,
+        "init_image": to_png_bytes(image or init_image()), "denoising_strength": 0.5,
+    }
     base.update(kw)
     if "seeds" not in kw:
         count = base["batch_size"] * base["n_iter"]

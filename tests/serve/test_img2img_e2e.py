@@ -54,3 +54,19 @@ def test_img2img_errors_name_the_field(server):
     assert r.status_code == 422 and r.json()["field"] == "init_images[0]"
     r = httpx.post(server.url + "/invocations", json={"task": "img2img", "payload": {"prompt": "x"}}, timeout=30)
     assert r.status_code == 422 and r.json()["field"] == "payload.init_images"
+
+
+def test_inpainting_through_the_server(server):
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    out = io.BytesIO()
+    mask.save(out, format="PNG")
+    body = {"prompt": "x", "init_images": [b64_image()], "mask": base64.b64encode(out.getvalue()).decode(), "mask_blur": 2,
+            "inpaint_full_res": True, "inpaint_full_res_padding": 4, "denoising_strength": 0.8, "steps": 4, "seed": 1, "width": 64, "height": 64}
+    r = httpx.post(server.url + "/sdapi/v1/img2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    image = decode(r.json()["images"][0])
+    fields = parse_infotext(image.info["parameters"])
+    assert (fields["Mask blur"], fields["Inpaint area"], fields["Masked area padding"]) == ("2", "Only masked", "4")
+    pixels = np.asarray(image.convert("RGB"))
+    assert pixels[2, 2].tolist() == [20, 120, 220], "outside the mask the init image is kept"
