@@ -111,13 +111,19 @@ def run_from_latents(
     on_step,
     extra_call: dict | None = None,
     start_latents: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    steps_run: int | None = None,
 ):
     """Noise ``init_latents`` to the start step and sample the rest of the schedule, batch by batch.
 
     ``start_latents(noise)``, when given, returns the latents to noise for a batch
-    (inpainting's latent fills use the batch's own noise).
+    (inpainting's latent fills use the batch's own noise; hires fix gives each
+    image its own). ``steps_run`` overrides A1111's img2img step count (hires fix).
     """
-    steps_run = a1111_steps_run(params.steps, params.denoising_strength)
+    schedule_steps = None
+    if steps_run is None:
+        steps_run = a1111_steps_run(params.steps, params.denoising_strength)
+    else:  # hires fix: exactly ``steps_run`` steps, the last ones of a longer schedule
+        schedule_steps = steps_run
     # diffusers runs int(steps * strength) steps: ask for exactly A1111's count
     strength = min(1.0, (steps_run + 0.5) / params.steps)
     view.noise_multiplier = params.initial_noise_multiplier
@@ -139,7 +145,10 @@ def run_from_latents(
             view.seeded_noise = None
 
     latent_shape = tuple(init_latents.shape[1:])
-    return run_batches(view, base_scheduler_config, params, latent_shape, call, steps_run=steps_run, should_abort=should_abort, on_step=on_step)
+    return run_batches(
+        view, base_scheduler_config, params, latent_shape, call,
+        steps_run=steps_run, should_abort=should_abort, on_step=on_step, schedule_steps=schedule_steps,
+    )
 
 
 def prepare_init_image(image: Image.Image, params: Img2ImgParams) -> Image.Image:
@@ -175,6 +184,21 @@ def encode_pixels(view, prepared: Image.Image, params: Img2ImgParams) -> torch.T
         size = (params.height // view.vae_scale_factor, params.width // view.vae_scale_factor)
         latents = torch.nn.functional.interpolate(latents, size=size, mode="bilinear")
     return latents.to(view.unet.dtype)
+
+
+def decode_latents(view, latents: torch.Tensor) -> Image.Image:
+    """Scaled latents (1, C, h, w) → PIL image (the SDXL VAE in float32 when half precision would overflow)."""
+    vae = view.vae
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    try:
+        if upcast:
+            vae.to(dtype=torch.float32)
+        with torch.inference_mode():
+            pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    finally:
+        if upcast:
+            vae.to(dtype=torch.float16)
+    return view.image_processor.postprocess(pixels.float(), output_type="pil")[0]
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

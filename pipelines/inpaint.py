@@ -28,7 +28,12 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from pipelines.image_input import from_png_bytes
-from pipelines.img2img import encode_pixels, img2img_view, run_from_latents
+from pipelines.img2img import (
+    decode_latents,
+    encode_pixels,
+    img2img_view,
+    run_from_latents,
+)
 from pipelines.params import Img2ImgParams
 from pipelines.resize import resize_image
 
@@ -81,7 +86,7 @@ def inpaint(pipe, base_scheduler_config: dict, params: Img2ImgParams, *, should_
     images = []
     for latent in latents:
         final = latent.unsqueeze(0) * repaint + init_latents * keep
-        images.append(_composite(_decode(view, final), overlay, paste_to, original.size))
+        images.append(_composite(decode_latents(view, final), overlay, paste_to, original.size))
     return images
 
 
@@ -176,20 +181,6 @@ def _alpha_sigma(alphas: torch.Tensor, t, x: torch.Tensor) -> tuple[torch.Tensor
     a = alpha_bar.sqrt().to(x.device).reshape(1, 1, 1, 1)
     s = (1 - alpha_bar).sqrt().to(x.device).reshape(1, 1, 1, 1)
     return a, s
-
-
-def _decode(view, latents: torch.Tensor) -> Image.Image:
-    vae = view.vae
-    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    try:
-        if upcast:
-            vae.to(dtype=torch.float32)
-        with torch.inference_mode():
-            pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    finally:
-        if upcast:
-            vae.to(dtype=torch.float16)
-    return view.image_processor.postprocess(pixels.float(), output_type="pil")[0]
 
 
 def _overlay(image: Image.Image, mask: Image.Image) -> Image.Image:

@@ -12,6 +12,29 @@ from dataclasses import asdict, dataclass, field
 
 
 @dataclass
+class HiresParams:
+    """A1111's hires fix, resolved: upscale the first pass to ``width`` x ``height`` and img2img it.
+
+    ``upscale_to`` is the size the first pass is scaled to before the centre is cut
+    to the target (A1111's ``hr_resize_x``/``hr_resize_y`` with another aspect ratio).
+    """
+
+    width: int
+    height: int
+    upscale_to: tuple[int, int]
+    upscaler: str  # "Latent", "Latent (bicubic)", …, "None", "Lanczos", "Nearest"
+    steps: int  # second-pass steps actually run
+    denoising_strength: float
+    sampler_name: str
+    schedule_type: str
+    prompt: str
+    negative_prompt: str
+    scale: float
+    resize: tuple[int, int] | None = None  # hr_resize_x/y when given
+    second_pass_steps: int = 0  # as requested (0 = same as the first pass)
+
+
+@dataclass
 class Txt2ImgParams:
     """One txt2img job, resolved. Image ``i`` (0-based over batch_size * n_iter) uses ``seeds[i]``."""
 
@@ -34,6 +57,7 @@ class Txt2ImgParams:
     sd_vae: str | None = None  # override_settings.sd_vae: None/"Automatic", "None", or a VAE/ file name
     eta: float | None = None
     styles: list[str] = field(default_factory=list)
+    hires: HiresParams | None = None
 
     @property
     def image_count(self) -> int:

@@ -36,11 +36,13 @@ def txt2img(
     *,
     should_abort: Callable[[], bool] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    output_type: str = "pil",
 ) -> list[Image.Image]:
     """Generate ``params.image_count`` images, ``n_iter`` batches of ``batch_size``.
 
     ``should_abort`` is polled at every step; when it returns True the job stops
     with :class:`Cancelled`. ``on_step(done, total)`` reports progress.
+    ``output_type="latent"`` returns the final latents instead (hires fix).
     """
 
     def call(noise: torch.Tensor, generators: list, embeds: dict, step_end, extra: dict):
@@ -53,7 +55,7 @@ def txt2img(
             latents=noise,
             generator=generators,
             callback_on_step_end=step_end,
-            output_type="pil",
+            output_type=output_type,
             **extra,
         ).images
 
@@ -75,12 +77,14 @@ def run_batches(
     steps_run: int,
     should_abort: Callable[[], bool] | None,
     on_step: Callable[[int, int], None] | None,
+    schedule_steps: int | None = None,
 ) -> list[Image.Image]:
     """The batch loop txt2img and img2img share: seeded noise, a fresh scheduler and the conditioning per batch.
 
     ``call(noise, generators, embeds_kwargs, step_end, extra)`` runs the diffusers
     pipeline for one batch and returns its images; ``steps_run`` is how many
-    sampling steps one batch takes (fewer than ``params.steps`` for img2img).
+    sampling steps one batch takes (fewer than ``params.steps`` for img2img);
+    prompt-editing schedules span ``schedule_steps`` (default ``params.steps``).
     """
     choice = resolve_sampler(params.sampler_name, params.schedule_type)
     device = pipe._execution_device
@@ -102,7 +106,7 @@ def run_batches(
                 pipe,
                 params.prompt,
                 params.negative_prompt,
-                params.steps * int(getattr(pipe.scheduler, "order", 1)),
+                (schedule_steps or params.steps) * int(getattr(pipe.scheduler, "order", 1)),
                 params.clip_stop_at_last_layers,
                 sdxl_clip_l_skip=params.sdxl_clip_l_skip,
             )

@@ -214,6 +214,11 @@ class Engine:
             from pipelines.img2img import img2img
 
             return img2img(active.loaded.pipe, active.base_scheduler_config, params, should_abort=should_abort, on_step=on_step)
+        if params.hires is not None:
+            from pipelines.hires import txt2img_hires
+
+            params = replace(params, hires=_hires_prompts(params.hires, job.params, prepared))
+            return txt2img_hires(active.loaded.pipe, active.base_scheduler_config, params, should_abort=should_abort, on_step=on_step)
         return txt2img(active.loaded.pipe, active.base_scheduler_config, params, should_abort=should_abort, on_step=on_step)
 
     def _encode(self, active: Active, job: Job, prepared, images) -> tuple[list[str], list[bytes]]:
@@ -247,8 +252,8 @@ class Engine:
             variation_seed=p.subseeds[index],
             variation_seed_strength=p.subseed_strength,
             clip_skip=p.clip_stop_at_last_layers,
-            denoising_strength=getattr(p, "denoising_strength", None),
-            extra={**dict(choice.infotext_extra), **_img2img_infotext(p), **prepared.infotext},
+            denoising_strength=p.hires.denoising_strength if p.hires else getattr(p, "denoising_strength", None),
+            extra={**dict(choice.infotext_extra), **_img2img_infotext(p), **_hires_infotext(p), **prepared.infotext},
             version=VERSION,
         )
 
@@ -313,6 +318,41 @@ class Engine:
             "job": record,
             "warnings": warnings,
         }
+
+
+def _hires_prompts(hires, original, prepared):
+    """The second pass's prompts as the text encoder sees them: without extra-network tags."""
+    from dataclasses import replace
+
+    from pipelines.prompt import extract_networks
+
+    prompt = prepared.prompt if hires.prompt == original.prompt else extract_networks(hires.prompt)[0]
+    negative = prepared.negative_prompt if hires.negative_prompt == original.negative_prompt else hires.negative_prompt
+    return replace(hires, prompt=prompt, negative_prompt=negative)
+
+
+def _hires_infotext(p) -> dict[str, Any]:
+    """A1111's hires-fix infotext fields (only those that differ from the first pass, as A1111)."""
+    hr = getattr(p, "hires", None)
+    if hr is None:
+        return {}
+    extra: dict[str, Any] = {}
+    if hr.prompt != p.prompt:
+        extra["Hires prompt"] = hr.prompt
+    if hr.negative_prompt != p.negative_prompt:
+        extra["Hires negative prompt"] = hr.negative_prompt
+    if hr.resize is None:
+        extra["Hires upscale"] = hr.scale
+    else:
+        extra["Hires resize"] = f"{hr.resize[0]}x{hr.resize[1]}"
+    if hr.second_pass_steps:
+        extra["Hires steps"] = hr.second_pass_steps
+    extra["Hires upscaler"] = hr.upscaler
+    if hr.sampler_name != p.sampler_name:
+        extra["Hires sampler"] = hr.sampler_name
+    if hr.schedule_type != p.schedule_type:
+        extra["Hires schedule type"] = hr.schedule_type
+    return extra
 
 
 def _img2img_infotext(p) -> dict[str, Any]:

@@ -6,7 +6,7 @@ naming the field before anything is queued; the worker receives PNG bytes.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import fields
 
 from pipelines.errors import InvalidParameter
 from pipelines.image_input import decode_image_b64, to_png_bytes
@@ -62,7 +62,7 @@ def resolve_img2img(p: Img2ImgPayload, base: Txt2ImgParams, settings: Settings, 
     if p.mask_blur is None and p.mask_blur_x != p.mask_blur_y:
         warnings.append(f"{prefix}mask_blur_y: one blur radius is used for both axes ({blur_x})")
     return Img2ImgParams(
-        **asdict(base),
+        **{f.name: getattr(base, f.name) for f in fields(base)},
         init_image=to_png_bytes(init),
         denoising_strength=p.denoising_strength,
         resize_mode=resize_mode,

@@ -26,6 +26,7 @@ from pipelines.prompt import (
 )
 from pipelines.samplers import resolve_sampler
 from serve.errors import MalformedBody
+from serve.hires import resolve_hires
 from serve.img2img import looks_like_img2img, resolve_img2img
 from serve.schemas import Envelope, Img2ImgPayload, OutputSpec, Txt2ImgPayload
 from serve.settings import Settings
@@ -42,9 +43,7 @@ _REFUSED_OVERRIDES = {
 # A1111 fields that only matter with a feature off by default (hires fix) or that
 # only steer WebUI-side saving: accepted without comment while they are inert.
 _INERT_FIELDS = {
-    "denoising_strength", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
-    "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
-    "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "do_not_save_samples",
+    "hr_additional_modules", "hr_cfg", "hr_distilled_cfg", "do_not_save_samples",
     "do_not_save_grid", "save_images", "comments", "force_task_id", "infotext", "disable_extra_networks",
     "refiner_switch_at", "firstpass_image", "s_min_uncond",
 }
@@ -97,7 +96,11 @@ def build_job(body: dict[str, Any], settings: Settings, *, task: str | None = No
     warnings = _refuse_unsupported(payload, prefix)
     params = _resolve(payload, settings, prefix, warnings)
     if envelope.task == "img2img":
+        if payload.enable_hr:
+            warnings.append(f"{prefix}enable_hr: img2img has no hires fix (A1111 ignores it too)")
         params = resolve_img2img(payload, params, settings, prefix, warnings)
+    elif payload.enable_hr:
+        params = resolve_hires(payload, params, settings, prefix, warnings)
     return Job(
         job_id=envelope.id or str(uuid.uuid4()),
         task=envelope.task,
@@ -149,8 +152,6 @@ def _refuse_unsupported(p: Txt2ImgPayload, prefix: str) -> list[str]:
     def refuse(name: str, what: str) -> None:
         raise InvalidParameter(f"{prefix}{name}: {what} is not supported yet", field=f"{prefix}{name}")
 
-    if p.enable_hr:
-        refuse("enable_hr", "hires fix")
     if p.restore_faces:
         refuse("restore_faces", "face restoration")
     if p.tiling:

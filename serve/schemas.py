@@ -42,6 +42,20 @@ class Txt2ImgPayload(BaseModel):
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
     enable_hr: bool = False
+    # hires fix (only read with enable_hr, as A1111)
+    denoising_strength: float | None = Field(None, ge=0.0, le=1.0)
+    hr_scale: float = Field(2.0, gt=0.0, le=8.0)
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = Field(0, ge=0)
+    hr_resize_x: int = Field(0, ge=0)
+    hr_resize_y: int = Field(0, ge=0)
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    hr_checkpoint_name: str | None = None
+    firstphase_width: int = 0
+    firstphase_height: int = 0
     refiner_checkpoint: str | None = None
     script_name: str | None = None
     script_args: list[Any] = Field(default_factory=list)

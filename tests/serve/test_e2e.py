@@ -88,7 +88,7 @@ def test_sdapi_route_and_bare_envelope(server):
         ({**SMALL, "sampler_name": "Bogus"}, 422, "DPM++ 2M"),
         ({**SMALL, "override_settings": {"sd_model_checkpoint": "nope"}}, 404, "nope"),
         ({**SMALL, "override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}, 422, ".."),
-        ({**SMALL, "enable_hr": True}, 422, "hires"),
+        ({**SMALL, "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, 422, "hr_upscaler"),
     ],
 )
 def test_bad_input_gets_clear_errors_and_server_keeps_serving(server, body, status, words):

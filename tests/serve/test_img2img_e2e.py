@@ -1,4 +1,4 @@
-"""img2img through the real server: routes, bare body detection, records without image bytes, clear errors."""
+"""img2img and hires fix through the real server: routes, bare body detection, records without image bytes, infotext, clear errors."""
 
 import base64
 import io
@@ -70,3 +70,15 @@ def test_inpainting_through_the_server(server):
     assert (fields["Mask blur"], fields["Inpaint area"], fields["Masked area padding"]) == ("2", "Only masked", "4")
     pixels = np.asarray(image.convert("RGB"))
     assert pixels[2, 2].tolist() == [20, 120, 220], "outside the mask the init image is kept"
+
+
+def test_hires_fix_through_the_server(server):
+    body = {"prompt": "a cat", "steps": 3, "seed": 4, "width": 64, "height": 64, "enable_hr": True, "hr_scale": 1.5,
+            "hr_second_pass_steps": 2, "denoising_strength": 0.6, "hr_upscaler": "Latent (bicubic)", "hr_sampler_name": "DPM++ 2M"}
+    r = httpx.post(server.url + "/sdapi/v1/txt2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    image = decode(r.json()["images"][0])
+    assert image.size == (96, 96)
+    fields = parse_infotext(image.info["parameters"])
+    assert (fields["Size-1"], fields["Size-2"], fields["Denoising strength"]) == ("64", "64", "0.6")
+    assert (fields["Hires upscale"], fields["Hires steps"], fields["Hires upscaler"], fields["Hires sampler"]) == ("1.5", "2", "Latent (bicubic)", "DPM++ 2M")

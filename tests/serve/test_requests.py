@@ -62,7 +62,7 @@ def test_envelope(settings):
         ({"batch_size": 100}, "batch_size", "between 1 and 8"),
         ({"sampler_name": "Nope"}, "sampler_name", "Euler a"),
         ({"scheduler": "Nope"}, "scheduler", "Karras"),
-        ({"enable_hr": True}, "enable_hr", "hires fix"),
+        ({"enable_hr": True, "hr_upscaler": "4x-UltraSharp"}, "hr_upscaler", "Latent (bicubic)"),
         ({"prompt": "a <lora:foo:abc> cat"}, "prompt", "abc"),
         ({"prompt": "a <lora::1> cat"}, "prompt", "name"),
         ({"prompt": "a <wat:foo:1> cat"}, "prompt", "lora"),
