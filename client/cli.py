@@ -20,16 +20,32 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated
 
 import typer
 
 from client.cli_common import err_console as _err_console
 from client.cli_common import handled
-from client.config import EXIT_JOB_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, CliError, Clients, Config
-from client.jobs import FINAL, RANK, STATUSES, JobStore, is_stale, latest, parse_time, png_text
+from client.config import (
+    EXIT_JOB_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_USAGE,
+    Clients,
+    CliError,
+    Config,
+)
+from client.jobs import (
+    FINAL,
+    RANK,
+    STATUSES,
+    JobStore,
+    is_stale,
+    latest,
+    parse_time,
+    png_text,
+)
 from client.storage import open_location
 
 app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_completion=False, rich_markup_mode=None)
@@ -38,14 +54,17 @@ app = typer.Typer(help=__doc__.split("\n\n")[0], no_args_is_help=True, add_compl
 @app.callback()
 def _global(
     ctx: typer.Context,
-    output: Optional[str] = typer.Option(None, "--output", envvar="SD_OUTPUT", help="Job outputs: s3://bucket/prefix/ or a folder."),
-    models: Optional[str] = typer.Option(None, "--models", envvar="SD_MODEL_STORE", help="Model store: s3://bucket/prefix/ or a folder."),
-    s3_endpoint_url: Optional[str] = typer.Option(None, "--s3-endpoint-url", envvar="S3_ENDPOINT_URL", help="S3-compatible endpoint (MinIO, SeaweedFS)."),
-    region: Optional[str] = typer.Option(None, "--region", envvar=["AWS_REGION", "AWS_DEFAULT_REGION"], help="AWS region."),
+    output: Annotated[str | None, typer.Option("--output", envvar="SD_OUTPUT", help="Job outputs: s3://bucket/prefix/ or a folder.")] = None,
+    models: Annotated[str | None, typer.Option("--models", envvar="SD_MODEL_STORE", help="Model store: s3://bucket/prefix/ or a folder.")] = None,
+    s3_endpoint_url: Annotated[str | None, typer.Option("--s3-endpoint-url", envvar="S3_ENDPOINT_URL", help="S3-compatible endpoint (MinIO, SeaweedFS).")] = None,
+    region: Annotated[str | None, typer.Option("--region", envvar=["AWS_REGION", "AWS_DEFAULT_REGION"], help="AWS region.")] = None,
 ):
     """sdctl: Stable Diffusion jobs on SageMaker or a local server."""
     clients = ctx.obj if isinstance(ctx.obj, Clients) else Clients()  # tests inject their clients here
     ctx.obj = Config(output=output, models=models, s3_endpoint_url=s3_endpoint_url, region=region, clients=clients)
+
+
+_STALE_HELP = "Seconds without a heartbeat before an inprogress job counts as dead and is written failed (default 600, env SDCTL_STALE_AFTER; 0 = never)."
 
 
 def _store(ctx: typer.Context) -> JobStore:
@@ -53,7 +72,7 @@ def _store(ctx: typer.Context) -> JobStore:
     return JobStore(open_location(config.require_output(), config.s3))
 
 
-def _time_opt(value: Optional[str], flag: str) -> Optional[datetime]:
+def _time_opt(value: str | None, flag: str) -> datetime | None:
     if value is None:
         return None
     try:
@@ -62,7 +81,7 @@ def _time_opt(value: Optional[str], flag: str) -> Optional[datetime]:
         raise CliError(f"{flag} {value!r}: expected an ISO time such as 2026-01-31 or 2026-01-31T12:00:00Z", EXIT_USAGE) from None
 
 
-def _matches_checkpoint(record_value: Optional[str], wanted: str) -> bool:
+def _matches_checkpoint(record_value: str | None, wanted: str) -> bool:
     if not record_value:
         return False
     from model_cache.names import split_hash, stem
@@ -76,26 +95,31 @@ def _matches_checkpoint(record_value: Optional[str], wanted: str) -> bool:
 @handled
 def jobs(
     ctx: typer.Context,
-    n: int = typer.Option(10, "-n", help="How many (newest first)."),
-    all_: bool = typer.Option(False, "--all", help="Every job."),
-    status: Optional[str] = typer.Option(None, "--status", help="|".join(STATUSES)),
-    task: Optional[str] = typer.Option(None, "--task", help="txt2img or img2img."),
-    since: Optional[str] = typer.Option(None, "--since", help="Created at or after (ISO)."),
-    until: Optional[str] = typer.Option(None, "--until", help="Created at or before (ISO)."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint name (reads records)."),
-    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Endpoint name (reads records)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON document instead of lines."),
+    n: Annotated[int, typer.Option("-n", help="How many (newest first).")] = 10,
+    all_: Annotated[bool, typer.Option("--all", help="Every job.")] = False,
+    status: Annotated[str | None, typer.Option("--status", help="|".join(STATUSES))] = None,
+    task: Annotated[str | None, typer.Option("--task", help="txt2img or img2img.")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="Created at or after (ISO).")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Created at or before (ISO).")] = None,
+    checkpoint: Annotated[str | None, typer.Option("--checkpoint", help="Checkpoint name (reads records).")] = None,
+    endpoint: Annotated[str | None, typer.Option("--endpoint", help="Endpoint name (reads records).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document instead of lines.")] = False,
+    mark_stale: Annotated[bool, typer.Option("--mark-stale", help="Write listed inprogress jobs silent for --stale-after as failed.")] = False,
+    stale_after: Annotated[float | None, typer.Option("--stale-after", help=_STALE_HELP)] = None,
 ):
     """Jobs as Time-Type-Status-UUID lines, newest first (latest 10 unless --all)."""
+    from client.stale import fail_after, mark_if_stale
+
+    threshold = fail_after(stale_after) if mark_stale else 0.0
     if status is not None and status not in STATUSES:
         raise CliError(f"--status {status!r}: expected one of {', '.join(STATUSES)}", EXIT_USAGE)
     if n < 1 and not all_:
         raise CliError("-n must be at least 1", EXIT_USAGE)
     store = _store(ctx)
     since_dt, until_dt = _time_opt(since, "--since"), _time_opt(until, "--until")
-    records: dict[str, Optional[dict]] = {}
+    records: dict[str, dict | None] = {}
 
-    def record(entry) -> Optional[dict]:
+    def record(entry) -> dict | None:
         if entry.job_id not in records:
             records[entry.job_id] = store.record(entry.job_id)
         return records[entry.job_id]
@@ -104,9 +128,7 @@ def jobs(
         rec = record(entry) or {}
         if checkpoint and not _matches_checkpoint(rec.get("checkpoint"), checkpoint):
             return False
-        if endpoint and rec.get("endpoint") != endpoint:
-            return False
-        return True
+        return not (endpoint and rec.get("endpoint") != endpoint)
 
     found = latest(
         store.index_entries(until_dt),
@@ -124,8 +146,13 @@ def jobs(
         shown = entry.status
         if rec and rec.get("status") in RANK and RANK[rec["status"]] > RANK[entry.status]:
             shown = rec["status"]  # the record moved on before its index key did
+        if shown == "inprogress" and threshold > 0:
+            marked = mark_if_stale(store, rec, threshold)
+            if marked is not None:
+                rec, shown = marked, "failed"
+                records[entry.job_id] = marked
         stale = shown == "inprogress" and is_stale(rec)
-        created = datetime.fromtimestamp(entry.created_ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        created = datetime.fromtimestamp(entry.created_ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         rows.append({"name": f"{entry.ts}-{entry.task}-{shown}-{entry.job_id}", "id": entry.job_id, "task": entry.task,
                      "status": shown, "stale": stale, "created": created, "record": rec})
     if as_json:
@@ -137,10 +164,20 @@ def jobs(
 
 @app.command()
 @handled
-def show(ctx: typer.Context, job: str = typer.Argument(..., help="Job id.")):
-    """The job record, its params.json and the infotext of its first image."""
+def show(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="Job id.")],
+    stale_after: Annotated[float | None, typer.Option("--stale-after", help=_STALE_HELP)] = None,
+):
+    """The job record, its params.json and the infotext of its first image (a dead inprogress job is marked failed)."""
+    from client.stale import fail_after, mark_if_stale
+
     store = _store(ctx)
     record = store.require_record(job)
+    marked = mark_if_stale(store, record, fail_after(stale_after))
+    if marked is not None:
+        typer.echo(f"note: marked failed: {marked['error']}", err=True)
+        record = marked
     typer.echo(json.dumps(record, indent=2))
     if is_stale(record):
         typer.echo("note: no heartbeat for over 120 s; the job is probably dead (stale)", err=True)
@@ -158,8 +195,8 @@ def show(ctx: typer.Context, job: str = typer.Argument(..., help="Job id.")):
 @handled
 def get(
     ctx: typer.Context,
-    job: str = typer.Argument(..., help="Job id."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder (default ./<job id>)."),
+    job: Annotated[str, typer.Argument(help="Job id.")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Folder (default ./<job id>).")] = None,
 ):
     """Download the job's images, params.json and job.json."""
     store = _store(ctx)
@@ -181,13 +218,17 @@ def get(
 @handled
 def wait(
     ctx: typer.Context,
-    job: str = typer.Argument(..., help="Job id."),
-    interval: float = typer.Option(2.0, "--interval", help="Seconds between polls."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up after this many seconds (exit 1)."),
+    job: Annotated[str, typer.Argument(help="Job id.")],
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between polls.")] = 2.0,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Give up after this many seconds (exit 1).")] = None,
+    stale_after: Annotated[float | None, typer.Option("--stale-after", help=_STALE_HELP)] = None,
 ):
-    """Follow a job with a progress bar; exit 0 when it succeeds, 1 when it fails or is cancelled."""
+    """Follow a job with a progress bar; exit 0 when it succeeds, 1 when it fails, is cancelled or its worker is gone."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from client.stale import fail_after, mark_if_stale
+
+    threshold = fail_after(stale_after)
     store = _store(ctx)
     record = store.require_record(job)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -202,6 +243,10 @@ def wait(
                 if status == "succeed":
                     bar.update(task_id, completed=1.0)
                 break
+            marked = mark_if_stale(store, record, threshold)
+            if marked is not None:  # the worker is gone: the job will never finish
+                record = marked
+                continue
             if is_stale(record) and not warned:
                 bar.console.print("no heartbeat for over 120 s: the job may be dead (stale)")
                 warned = True
@@ -221,8 +266,8 @@ def wait(
 @handled
 def cancel(
     ctx: typer.Context,
-    job: str = typer.Argument(..., help="Job id."),
-    local: Optional[str] = typer.Option(None, "--local", help="Server URL: POST URL/jobs/{id}/cancel instead."),
+    job: Annotated[str, typer.Argument(help="Job id.")],
+    local: Annotated[str | None, typer.Option("--local", help="Server URL: POST URL/jobs/{id}/cancel instead.")] = None,
 ):
     """Ask a job to stop: writes its cancel marker (or asks a local server)."""
     if local:
@@ -243,71 +288,7 @@ def cancel(
 
 
 # ---------------------------------------------------------------- submit
-def _run(ctx: typer.Context, task: str, payload: dict, job_id: Optional[str], local: Optional[str],
-         endpoint: Optional[str], out: Optional[Path]) -> None:
-    from client.submit import new_job_id, submit_async, submit_local
-
-    if bool(local) == bool(endpoint):
-        raise CliError("give exactly one target: --local URL (sync) or --endpoint NAME (SageMaker async)", EXIT_USAGE)
-    job_id = new_job_id(job_id)
-    if local:
-        job_id, saved = submit_local(local, task, job_id, payload, out or Path(job_id))
-        for path in saved:
-            typer.echo(f"saved {path}", err=True)
-        typer.echo(job_id)
-        return
-    typer.echo(submit_async(ctx.obj, endpoint, task, job_id, payload))
-
-
-@app.command()
-@handled
-def txt2img(
-    ctx: typer.Context,
-    prompt: str = typer.Option(..., "--prompt", "-p"),
-    negative: Optional[str] = typer.Option(None, "--negative"),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="A1111 sampler name, e.g. 'DPM++ 2M'."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Schedule type, e.g. Karras."),
-    steps: Optional[int] = typer.Option(None, "--steps"),
-    cfg: Optional[float] = typer.Option(None, "--cfg"),
-    width: Optional[int] = typer.Option(None, "--width"),
-    height: Optional[int] = typer.Option(None, "--height"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    batch: Optional[int] = typer.Option(None, "--batch"),
-    n_iter: Optional[int] = typer.Option(None, "--n-iter"),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint"),
-    vae: Optional[str] = typer.Option(None, "--vae"),
-    clip_skip: Optional[int] = typer.Option(None, "--clip-skip"),
-    lora: Optional[List[str]] = typer.Option(None, "--lora", help="name:weight, repeatable."),
-    local: Optional[str] = typer.Option(None, "--local", help="Server URL for a synchronous run."),
-    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="SageMaker async endpoint name."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="--local: folder for the images (default ./<job id>)."),
-    job_id: Optional[str] = typer.Option(None, "--id", help="Job id (default: a new UUID)."),
-):
-    """Text to image with A1111 flags; prints the job id."""
-    from client.submit import txt2img_payload
-
-    payload = txt2img_payload(
-        prompt=prompt, negative=negative, sampler=sampler, scheduler=scheduler, steps=steps, cfg=cfg, width=width,
-        height=height, seed=seed, batch=batch, n_iter=n_iter, checkpoint=checkpoint, vae=vae, clip_skip=clip_skip,
-        loras=lora or [],
-    )
-    _run(ctx, "txt2img", payload, job_id, local, endpoint, out)
-
-
-@app.command()
-@handled
-def submit(
-    ctx: typer.Context,
-    file: Path = typer.Argument(..., help="An A1111 payload or an envelope {task, id, payload}."),
-    local: Optional[str] = typer.Option(None, "--local", help="Server URL for a synchronous run."),
-    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="SageMaker async endpoint name."),
-    out: Optional[Path] = typer.Option(None, "-o", "--out", help="--local: folder for the images."),
-):
-    """Submit a JSON request file; prints the job id."""
-    from client.submit import read_request_file
-
-    task, payload, job_id = read_request_file(file)
-    _run(ctx, task, payload, job_id, local, endpoint, out)
+# txt2img, img2img and submit live in client/cli_generate.py (registered below)
 
 
 # ---------------------------------------------------------------- endpoints
@@ -315,8 +296,8 @@ def submit(
 @handled
 def endpoints(
     ctx: typer.Context,
-    local: Optional[str] = typer.Option(None, "--local", help="A docker run / make serve URL: show its /ping."),
-    name_contains: Optional[str] = typer.Option(None, "--name-contains"),
+    local: Annotated[str | None, typer.Option("--local", help="A docker run / make serve URL: show its /ping.")] = None,
+    name_contains: Annotated[str | None, typer.Option("--name-contains")] = None,
 ):
     """SageMaker endpoints: name, status, instance type, async or real-time."""
     from rich.console import Console
@@ -345,9 +326,10 @@ def main() -> None:
     app()
 
 
-# the `models` sub-commands live in their own module; importing it registers them
-from client import cli_models  # noqa: E402
+# the generation and `models` commands live in their own modules
+from client import cli_generate, cli_models
 
+cli_generate.register(app)
 app.add_typer(cli_models.models_app, name="models")
 
 

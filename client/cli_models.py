@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 
@@ -17,7 +17,7 @@ models_app = typer.Typer(help="List and upload models in the model store.", no_a
 @handled
 def models_list(
     ctx: typer.Context,
-    kind: Optional[str] = typer.Option(None, "--type", help="Stable-diffusion, Lora, VAE, …"),
+    kind: Annotated[str | None, typer.Option("--type", help="Stable-diffusion, Lora, VAE, …")] = None,
 ):
     """Models in the store, per kind."""
     from client.models import list_models
@@ -33,13 +33,19 @@ def models_list(
 @handled
 def models_upload(
     ctx: typer.Context,
-    path: Path = typer.Argument(..., help="Local model file."),
-    kind: str = typer.Option(..., "--type", help="Stable-diffusion|Lora|hypernetworks|embeddings|VAE|ControlNet|annotators"),
-    name: Optional[str] = typer.Option(None, "--name", help="Name in the store (default: the file name)."),
-    force: bool = typer.Option(False, "--force", help="Replace a file with different content."),
+    path: Annotated[Path, typer.Argument(help="Local model file.")],
+    kind: Annotated[str, typer.Option("--type", help="Stable-diffusion|Lora|hypernetworks|embeddings|VAE|ControlNet|annotators")],
+    name: Annotated[str | None, typer.Option("--name", help="Name in the store (default: the file name).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a file with different content.")] = False,
 ):
-    """Upload a model (multipart, progress bar, sha256 stored as metadata)."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+    """Upload a model (multipart, resumable: re-run after an interruption; progress bar; sha256 stored as metadata)."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TransferSpeedColumn,
+    )
 
     from client.models import upload
 
@@ -54,8 +60,13 @@ def models_upload(
         def on_upload(n: int) -> None:
             bar.update(sending, advance=n, visible=True)
 
+        def on_note(text: str) -> None:
+            bar.console.print(text)
+            if text.startswith("resuming"):
+                bar.update(sending, description="upload (resumed)")
+
         result = upload(store, path, kind, name=name, force=force, s3_factory=config.s3,
-                        hash_progress=lambda n: bar.update(hashing, advance=n), upload_progress=on_upload)
+                        hash_progress=lambda n: bar.update(hashing, advance=n), upload_progress=on_upload, note=on_note)
     if result.uploaded:
         typer.echo(f"uploaded {result.location} sha256 {result.sha256}")
     else:

@@ -8,8 +8,9 @@ tests pass their own (SeaweedFS S3, botocore Stubber / moto for SageMaker).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 #: Exit codes scripts can test (also listed in ``client/cli.py``'s docstring).
 EXIT_JOB_FAILED = 1

@@ -16,9 +16,10 @@ follow the contract exactly and can be replaced by it (the client must not impor
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 from client.config import EXIT_NOT_FOUND, CliError
 
@@ -32,22 +33,22 @@ STALE_AFTER = 120.0  # seconds without a heartbeat before an inprogress job look
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def iso(dt: datetime) -> str:
     """ISO time with milliseconds and ``Z``, the records' format."""
-    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_time(text: str) -> datetime:
     """An ISO date or time; naive values are UTC. ValueError when unparseable."""
-    dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    dt = datetime.fromisoformat(text.strip())
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def epoch_ms(dt: datetime) -> int:
-    return int(round(dt.timestamp() * 1000))
+    return round(dt.timestamp() * 1000)
 
 
 def rev_of(created_ms: int) -> str:
@@ -61,7 +62,7 @@ def display_name(ts: str, task: str, status: str, job_id: str) -> str:
 
 def index_key(created: datetime, task: str, status: str, job_id: str) -> str:
     """The index entry (relative to OUTPUT) of a job in ``status``."""
-    ts = created.astimezone(timezone.utc).strftime("%Y%m%d%H%M%S")
+    ts = created.astimezone(UTC).strftime("%Y%m%d%H%M%S")
     return f"{INDEX}{rev_of(epoch_ms(created))}_{display_name(ts, task, status, job_id)}"
 
 

@@ -1,9 +1,9 @@
 """Model store commands: list what is there, upload a file with its sha256.
 
-Uploads go to ``<store>/<kind>/<name>``: S3 via boto3's managed (multipart, parallel)
-transfer with the sha256 as object metadata ``sha256``; a local store gets an atomic
-copy. A name that exists with other content is refused unless ``force``; the same
-content is "already there".
+Uploads go to ``<store>/<kind>/<name>``: S3 in one PUT below :data:`MULTIPART_CHUNK`,
+else as a resumable multipart upload (:mod:`client.upload`), with the sha256 as object
+metadata ``sha256``; a local store gets an atomic copy. A name that exists with other
+content is refused unless ``force``; the same content is "already there".
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -79,6 +79,7 @@ def upload(
     s3_factory: Callable[[], object],
     hash_progress: Callable[[int], None] | None = None,
     upload_progress: Callable[[int], None] | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> UploadResult:
     """Upload ``path`` as ``<store>/<kind>/<name>``; see the module docstring for the rules."""
     path = Path(path)
@@ -96,6 +97,10 @@ def upload(
         location = f"s3://{bucket}/{key}"
         exists, old_sha = _s3_existing_sha(client, bucket, key)
         if exists and old_sha == sha:
+            from client.upload import ResumableUpload
+
+            # an interrupted upload of the same name is no longer needed
+            ResumableUpload(client, bucket, key, path, sha, part_size=MULTIPART_CHUNK).forget()
             return UploadResult(location, sha, uploaded=False)
         if exists and not force:
             raise CliError(
@@ -103,20 +108,22 @@ def upload(
                 "pass --force to replace it",
                 EXIT_USAGE,
             )
-        from boto3.s3.transfer import TransferConfig
+        from client.upload import ResumableUpload
 
-        config = TransferConfig(multipart_threshold=MULTIPART_CHUNK, multipart_chunksize=MULTIPART_CHUNK, max_concurrency=8)
-        try:
-            client.upload_file(
-                str(path), bucket, key, ExtraArgs={"Metadata": {"sha256": sha}}, Config=config, Callback=upload_progress
-            )
-        except (ClientError, BotoCoreError) as exc:
-            raise aws_error(exc, location) from None
-        except Exception as exc:  # boto3's S3UploadFailedError wraps the ClientError
-            cause = exc.__cause__ or exc.__context__
-            raise aws_error(cause if isinstance(cause, ClientError) else exc, location) from None
+        resumable = ResumableUpload(client, bucket, key, path, sha, part_size=MULTIPART_CHUNK, progress=upload_progress,
+                                    note=note)
+        if resumable.size < MULTIPART_CHUNK:  # one PUT: nothing to resume
+            try:
+                with open(path, "rb") as body:
+                    client.put_object(Bucket=bucket, Key=key, Body=body, Metadata={"sha256": sha})
+            except (ClientError, BotoCoreError) as exc:
+                raise aws_error(exc, location) from None
+            if upload_progress:
+                upload_progress(resumable.size)
+        else:
+            resumable.run()
         return UploadResult(location, sha, uploaded=True)
-    root = Path(store_uri[len("file://"):] if store_uri.startswith("file://") else store_uri)
+    root = Path(store_uri.removeprefix("file://"))
     dest = root / rel
     if dest.is_file():
         old_sha = sha256_file(dest)

@@ -8,8 +8,8 @@ missing bucket, endpoint unreachable), so commands never print a traceback.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
@@ -103,7 +103,7 @@ class LocalLocation:
     """A local folder (``docker run -v``, ``make serve``)."""
 
     def __init__(self, root: str):
-        self.root = Path(os.path.abspath(root[len("file://"):] if root.startswith("file://") else root))
+        self.root = Path(os.path.abspath(root.removeprefix("file://")))
         self.is_s3 = False
 
     def _path(self, rel: str) -> Path:

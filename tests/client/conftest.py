@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from typer.testing import CliRunner
@@ -13,7 +13,7 @@ from client.cli import app
 from client.config import Clients
 from client.jobs import index_key, iso
 
-BASE = datetime(2026, 1, 1, tzinfo=timezone.utc)
+BASE = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 class CountingClient:
@@ -33,6 +33,13 @@ class CountingClient:
             return attr(*args, **kwargs)
 
         return call
+
+
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path, monkeypatch):
+    """sdctl's upload state files go to the test's folder, never the user's cache."""
+    monkeypatch.setenv("SDCTL_STATE_DIR", str(tmp_path / "sdctl-state"))
+    monkeypatch.delenv("SDCTL_STALE_AFTER", raising=False)
 
 
 @pytest.fixture
