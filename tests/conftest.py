@@ -9,4 +9,5 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 pytest_plugins = [
     "tests.support.s3_fixtures",
     "tests.support.model_fixtures",
+    "tests.support.annotator_files",
 ]
