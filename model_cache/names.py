@@ -90,6 +90,11 @@ def clean_name(name: str, *, field: str = "name") -> tuple[str, str | None]:
         raise InvalidParameter(f"model name {stripped!r} contains a percent-encoded character", field=field)
     if stripped.startswith("/"):
         raise InvalidParameter(f"model name {stripped!r} is an absolute path; give a name relative to the store", field=field)
+    # Look-alikes (fullwidth "／", "＼", "．．", division slash…) become real separators under
+    # Unicode compatibility folding, which some filesystems and tools apply: refuse them too.
+    folded = unicodedata.normalize("NFKC", stripped)
+    if folded.count("/") != stripped.count("/") or "\\" in folded or any(seg in (".", "..") for seg in folded.split("/")):
+        raise InvalidParameter(f"model name {stripped!r} contains a look-alike path separator or dot segment", field=field)
     for segment in stripped.split("/"):
         if segment in ("", ".", ".."):
             raise InvalidParameter(

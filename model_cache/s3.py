@@ -1,4 +1,4 @@
-"""Thin, safe S3 helpers: client construction, URI parsing, atomic download and upload.
+"""Thin, safe S3 helpers: client construction, URI parsing, atomic upload (downloads: :mod:`model_cache.transfer`).
 
 The client is always passed in (never a module global) so tests point it at a real
 SeaweedFS and can wrap it to count or break calls. Two invariants matter here:
@@ -15,27 +15,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import os
 import re
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from pipelines.errors import InvalidParameter, ModelNotFound
+from pipelines.errors import InvalidParameter
 
 log = logging.getLogger(__name__)
 
 # S3 bucket naming rules (the subset that matters for safety): 3–63 chars of lowercase
 # letters, digits, dots and hyphens, starting and ending with a letter or digit.
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_CHUNK = 8 * 1024 * 1024
-#: Objects above this are fetched as parallel ranged GETs: one S3 connection tops out far
-#: below what an instance's network can do, and checkpoints are 2–7 GB.
-PART_SIZE = 64 * 1024 * 1024
 
 
 class ObjectChanged(Exception):
@@ -53,7 +45,7 @@ def make_s3_client(endpoint_url: str | None = None, region: str | None = None, m
     virtual-host buckets; ``None`` means AWS itself. Credentials come from the usual
     AWS chain (env, profile, instance/SageMaker role).
     """
-    options: dict = {"retries": {"mode": "standard", "max_attempts": max_attempts}, "max_pool_connections": 32}
+    options: dict = {"retries": {"mode": "standard", "max_attempts": max_attempts}, "max_pool_connections": 64}
     if endpoint_url:
         options["s3"] = {"addressing_style": "path"}
     return boto3.session.Session().client(
@@ -102,88 +94,3 @@ def is_not_found(exc: ClientError) -> bool:
     code = str(exc.response.get("Error", {}).get("Code", ""))
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket") or status == 404
-
-
-def _get_range(client, bucket: str, key: str, etag: str | None, fd: int, start: int, end: int | None) -> int:
-    """GET ``[start, end]`` (inclusive; ``end=None`` = whole object) and write it at ``start``; return bytes written."""
-    kwargs = {"Bucket": bucket, "Key": key}
-    if etag:
-        # Pin the version we listed: a concurrent overwrite must not splice two objects together.
-        kwargs["IfMatch"] = f'"{etag}"'
-    if end is not None:
-        kwargs["Range"] = f"bytes={start}-{end}"
-    try:
-        body = client.get_object(**kwargs)["Body"]
-    except ClientError as exc:
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if status == 412 or exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
-            raise ObjectChanged(f"s3://{bucket}/{key} changed while downloading (etag {etag} no longer current)") from exc
-        if is_not_found(exc):
-            raise ModelNotFound(f"s3://{bucket}/{key} no longer exists") from exc
-        raise
-    offset = start
-    try:
-        for chunk in body.iter_chunks(_CHUNK):
-            offset += os.pwrite(fd, chunk, offset)
-    finally:
-        body.close()
-    return offset - start
-
-
-def download_file(
-    client,
-    bucket: str,
-    key: str,
-    dest: Path,
-    expected_size: int,
-    etag: str | None,
-    *,
-    part_size: int = PART_SIZE,
-    max_workers: int = 8,
-) -> Path:
-    """Download ``s3://bucket/key`` to ``dest`` atomically; return ``dest``.
-
-    Bytes go to a hidden temp file in ``dest``'s folder (same filesystem, so the final
-    ``os.replace`` is atomic); ``dest`` appears only when the size equals
-    ``expected_size``. Any failure removes the temp file and re-raises. ``etag`` pins
-    the object version (``IfMatch``): a changed object raises :class:`ObjectChanged`.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        if expected_size > part_size and max_workers > 1:
-            os.ftruncate(fd, expected_size)
-            ranges = [(s, min(s + part_size, expected_size) - 1) for s in range(0, expected_size, part_size)]
-            with ThreadPoolExecutor(max_workers=min(max_workers, len(ranges)), thread_name_prefix="s3-part") as pool:
-                futures = [pool.submit(_get_range, client, bucket, key, etag, fd, s, e) for s, e in ranges]
-                try:
-                    written = sum(f.result() for f in futures)
-                except BaseException:
-                    # Don't start parts nobody will use; the pool's exit waits for running ones.
-                    for future in futures:
-                        future.cancel()
-                    raise
-        else:
-            written = _get_range(client, bucket, key, etag, fd, 0, None)
-        size = os.fstat(fd).st_size
-        if written != expected_size or size != expected_size:
-            raise IncompleteDownload(
-                f"s3://{bucket}/{key}: got {written} bytes ({size} on disk), expected {expected_size}"
-            )
-        os.fsync(fd)  # the rename must not be durable before the data is
-        os.close(fd)
-        fd = -1
-        os.chmod(tmp_name, 0o644)  # mkstemp's 0600 would hide the cache from other users of the volume
-        os.replace(tmp_name, dest)
-        tmp_name = None
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except FileNotFoundError:
-                pass
-    log.info("downloaded s3://%s/%s (%d bytes) to %s", bucket, key, expected_size, dest)
-    return dest

@@ -46,6 +46,12 @@ class Forbidden(SDError):
     kind = "forbidden"
 
 
+class InsufficientStorage(SDError):
+    """A model does not fit the disk cache even after evicting everything not in use (HTTP 507)."""
+
+    kind = "insufficient_storage"
+
+
 class GenerationFailed(SDError):
     """Generation itself failed (HTTP 500): out of memory, NaNs, a cancelled job."""
 
@@ -58,7 +64,7 @@ class Cancelled(GenerationFailed):
     kind = "cancelled"
 
 
-KINDS = {cls.kind: cls for cls in (SDError, InvalidParameter, ModelNotFound, ModelRejected, Forbidden, GenerationFailed, Cancelled)}
+KINDS = {cls.kind: cls for cls in (SDError, InvalidParameter, ModelNotFound, ModelRejected, Forbidden, InsufficientStorage, GenerationFailed, Cancelled)}
 
 
 def from_dict(data: dict) -> SDError:

@@ -14,7 +14,16 @@ import re
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from pipelines.errors import Cancelled, Forbidden, GenerationFailed, InvalidParameter, ModelNotFound, ModelRejected, SDError
+from pipelines.errors import (
+    Cancelled,
+    Forbidden,
+    GenerationFailed,
+    InsufficientStorage,
+    InvalidParameter,
+    ModelNotFound,
+    ModelRejected,
+    SDError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +34,7 @@ _STATUS = {
     ModelRejected: 422,
     ModelNotFound: 404,
     Forbidden: 403,
+    InsufficientStorage: 507,
     Cancelled: 503,
     GenerationFailed: 500,
 }

@@ -63,6 +63,9 @@ def test_clean_name_accepts(given, expected):
         "x" * 1025,
         ("a" * 256) + ".pt",
         "a/ b",
+        "\uff0e\uff0e/x",  # fullwidth ".." folds to ".."
+        "a\uff0fb",  # fullwidth solidus folds to "/"
+        "a\uff3cb",  # fullwidth reverse solidus folds to "\\"
     ],
 )
 def test_clean_name_rejects(bad):

@@ -1,12 +1,11 @@
-"""S3 helpers against a real SeaweedFS: URI parsing, atomic downloads, MD5-checked uploads."""
+"""S3 helpers against a real SeaweedFS: URI parsing, MD5-checked uploads (downloads: test_transfer.py)."""
 
-import os
 
 import pytest
 from botocore.exceptions import ClientError
 
-from model_cache.s3 import IncompleteDownload, ObjectChanged, download_file, make_s3_client, parse_s3_uri, put_bytes
-from pipelines.errors import InvalidParameter, ModelNotFound
+from model_cache.s3 import make_s3_client, parse_s3_uri, put_bytes
+from pipelines.errors import InvalidParameter
 
 
 @pytest.mark.parametrize(
@@ -40,27 +39,6 @@ def test_make_s3_client_talks_to_the_server(s3_server, s3_bucket, monkeypatch):
     assert client.meta.config.s3["addressing_style"] == "path"
     assert put_bytes(client, s3_bucket, "k", b"data", "text/plain")
     assert client.get_object(Bucket=s3_bucket, Key="k")["Body"].read() == b"data"
-
-
-def test_download_ranged_parts(s3_client, s3_bucket, tmp_path):
-    data = os.urandom(1_000_003)
-    etag = put_bytes(s3_client, s3_bucket, "m/x.bin", data, "application/octet-stream")
-    dest = tmp_path / "d" / "x.bin"
-    download_file(s3_client, s3_bucket, "m/x.bin", dest, len(data), etag, part_size=100_000, max_workers=4)
-    assert dest.read_bytes() == data
-    assert os.listdir(dest.parent) == ["x.bin"]
-
-
-def test_download_size_mismatch_and_changed_and_missing(s3_client, s3_bucket, tmp_path):
-    etag = put_bytes(s3_client, s3_bucket, "k", b"12345", "application/octet-stream")
-    dest = tmp_path / "k"
-    with pytest.raises(IncompleteDownload):
-        download_file(s3_client, s3_bucket, "k", dest, 6, etag)
-    with pytest.raises(ObjectChanged):
-        download_file(s3_client, s3_bucket, "k", dest, 5, "0" * 32)
-    with pytest.raises(ModelNotFound):
-        download_file(s3_client, s3_bucket, "absent", dest, 5, None)
-    assert not dest.exists() and os.listdir(tmp_path) == []
 
 
 def test_put_with_wrong_md5_is_rejected(s3_client, s3_bucket):

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from model_cache.store import LocalStore, ModelStore, S3Store, open_store
+from model_cache.transfer import TransferConfig, TransferFailed
 from pipelines.errors import InvalidParameter, ModelNotFound
+from tests.model_cache.helpers import safetensors_bytes as st
 
 
 class CountingClient:
@@ -49,15 +51,15 @@ class _BreakingBody:
     """A response body that delivers part of the bytes, then the connection "drops"."""
 
     def __init__(self, body, length, fraction):
-        self._body, self._limit = body, int(length * fraction)
+        self._body, self._limit, self._sent = body, int(length * fraction), 0
 
-    def iter_chunks(self, chunk_size=1024):
-        sent = 0
-        for chunk in self._body.iter_chunks(min(chunk_size, 4096)):
-            if sent + len(chunk) > self._limit:
-                raise ConnectionResetError("connection dropped midway (test)")
-            sent += len(chunk)
-            yield chunk
+    def readinto(self, buffer):
+        want = min(len(buffer), 4096)
+        if self._sent + want > self._limit:
+            raise ConnectionResetError("connection dropped midway (test)")
+        count = self._body.readinto(memoryview(buffer)[:want])
+        self._sent += count
+        return count
 
     def close(self):
         self._body.close()
@@ -94,7 +96,7 @@ class S3Backend:
 
     def store(self, **wrap) -> S3Store:
         self.wrapped = CountingClient(self.client, **wrap)
-        return S3Store(self.where, self.wrapped, self.cache_dir)
+        return S3Store(self.where, self.wrapped, self.cache_dir, transfer=TransferConfig(backoff_base=0.01, retries=2))
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -169,38 +171,38 @@ def test_bad_names_rejected_before_io(backend, bad):
 
 
 def test_fetch_gives_the_bytes(backend):
-    backend.put("VAE", "sub/vae.safetensors", b"vae-bytes")
+    backend.put("VAE", "sub/vae.safetensors", st(b"vae-bytes"))
     store = backend.store()
     path = store.fetch(store.resolve("VAE", "sub/vae"))
-    assert path.read_bytes() == b"vae-bytes"
+    assert path.read_bytes() == st(b"vae-bytes")
     assert path.is_absolute()
 
 
 def test_s3_fetch_caches_and_refetches_after_change(s3_backend):
-    s3_backend.put("Stable-diffusion", "m.safetensors", b"one" * 100)
+    s3_backend.put("Stable-diffusion", "m.safetensors", st(b"one" * 100))
     store = s3_backend.store()
     path = store.fetch(store.resolve("Stable-diffusion", "m"))
     assert path == s3_backend.cache_dir / s3_backend.bucket / "models/Stable-diffusion/m.safetensors"
-    assert path.read_bytes() == b"one" * 100
+    assert path.read_bytes() == st(b"one" * 100)
     assert store.fetch(store.resolve("Stable-diffusion", "m")) == path
     assert s3_backend.wrapped.gets() == 1  # second fetch: a HEAD, no GET
-    s3_backend.put("Stable-diffusion", "m.safetensors", b"two" * 100)  # same size, new etag
+    s3_backend.put("Stable-diffusion", "m.safetensors", st(b"two" * 100))  # same size, new etag
     ref = store.resolve("Stable-diffusion", "m")
-    assert store.fetch(ref).read_bytes() == b"two" * 100
+    assert store.fetch(ref).read_bytes() == st(b"two" * 100)
     assert s3_backend.wrapped.gets() == 2
 
 
 def test_s3_fetch_of_a_stale_ref_gets_the_current_object(s3_backend):
-    s3_backend.put("Lora", "l.safetensors", b"old")
+    s3_backend.put("Lora", "l.safetensors", st(b"old"))
     store = s3_backend.store()
     ref = store.resolve("Lora", "l")
-    s3_backend.put("Lora", "l.safetensors", b"newer")  # overwritten between resolve and fetch
-    assert store.fetch(ref).read_bytes() == b"newer"
-    assert store.fetch(store.resolve("Lora", "l")).read_bytes() == b"newer"
+    s3_backend.put("Lora", "l.safetensors", st(b"newer"))  # overwritten between resolve and fetch
+    assert store.fetch(ref).read_bytes() == st(b"newer")
+    assert store.fetch(store.resolve("Lora", "l")).read_bytes() == st(b"newer")
 
 
 def test_s3_concurrent_fetches_download_once(s3_backend):
-    s3_backend.put("Stable-diffusion", "big.safetensors", os.urandom(256 * 1024))
+    s3_backend.put("Stable-diffusion", "big.safetensors", st(os.urandom(256 * 1024)))
     store = s3_backend.store(get_delay=0.3)
     ref = store.resolve("Stable-diffusion", "big")
     barrier = threading.Barrier(8)
@@ -210,7 +212,7 @@ def test_s3_concurrent_fetches_download_once(s3_backend):
         barrier.wait()
         try:
             paths.append(store.fetch(ref))
-        except Exception as exc:  # pragma: no cover - reported below
+        except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=worker) for _ in range(8)]
@@ -223,12 +225,13 @@ def test_s3_concurrent_fetches_download_once(s3_backend):
 
 
 def test_s3_download_failing_midway_leaves_nothing(s3_backend):
-    data = os.urandom(200 * 1024)
+    data = st(os.urandom(200 * 1024))
     s3_backend.put("Stable-diffusion", "broken.safetensors", data)
     store = s3_backend.store(fail_after_fraction=0.5)
     ref = store.resolve("Stable-diffusion", "broken")
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises(TransferFailed, match="broken.safetensors"):
         store.fetch(ref)
+    assert s3_backend.wrapped.gets() == 3  # the first attempt and the two retries the config allows
     folder = s3_backend.cache_dir / s3_backend.bucket / "models/Stable-diffusion"
     assert list(folder.iterdir()) == []  # no final file, no temp file
     # The next attempt, with a healthy connection, completes.
@@ -239,7 +242,7 @@ def test_s3_download_failing_midway_leaves_nothing(s3_backend):
 def test_local_symlinked_files_and_folders_are_followed(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "loras").mkdir(parents=True)
-    (elsewhere / "loras" / "far.safetensors").write_bytes(b"far")
+    (elsewhere / "loras" / "far.safetensors").write_bytes(st(b"far"))
     (elsewhere / "single.ckpt").write_bytes(b"single")
     root = tmp_path / "models"
     (root / "Lora").mkdir(parents=True)
@@ -250,7 +253,7 @@ def test_local_symlinked_files_and_folders_are_followed(tmp_path):
     os.symlink(tmp_path / "nowhere.ckpt", root / "Stable-diffusion" / "dangling.ckpt")
     store = LocalStore(root)
     assert [r.name for r in store.list("Lora")] == ["linked/far.safetensors"]
-    assert store.fetch(store.resolve("Lora", "far")).read_bytes() == b"far"
+    assert store.fetch(store.resolve("Lora", "far")).read_bytes() == st(b"far")
     assert [r.name for r in store.list("Stable-diffusion")] == ["single.ckpt"]
     assert store.resolve("Stable-diffusion", "single").size == 6
     with pytest.raises(InvalidParameter):
