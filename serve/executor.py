@@ -46,9 +46,11 @@ class Engine:
     """Owns the device, the model store and the resident pipeline; runs one job at a time."""
 
     def __init__(self, settings: Settings):
+        from model_cache.access import parse_prefixes
         from model_cache.hashes import HashCache
         from model_cache.s3 import make_s3_client
         from model_cache.store import open_store
+        from model_cache.transfer import TransferConfig
         from pipelines.device import resolve_device, resolve_dtype
 
         self.settings = settings
@@ -58,9 +60,17 @@ class Engine:
             settings.model_store,
             cache_dir=Path(settings.cache_dir),
             s3_client_factory=lambda: make_s3_client(settings.s3_endpoint_url, settings.aws_region),
+            disk_budget=settings.cache_disk_budget,
+            min_free=settings.cache_min_free,
+            transfer_config=TransferConfig(concurrency=settings.s3_concurrency, part_size=settings.s3_part_size, retries=settings.s3_retries),
+            allowed_s3_prefixes=parse_prefixes(settings.allowed_s3_prefixes),
         )
         self.hashes = HashCache(Path(settings.cache_dir))
         self.active: Active | None = None
+        self._cache = None  # pipelines.residency.PipelineCache (see _models)
+        self._pinned: tuple | None = None  # key of the checkpoint the current/last job uses
+        self.last_cache = None  # model_cache.residency.Event of the last activation
+        self._models()  # budgets resolved (and logged) at start-up; GET /cache shows them before any job
 
     def describe(self) -> dict:
         from pipelines.device import dtype_name, torch_version
@@ -101,12 +111,13 @@ class Engine:
                 if on_progress is not None:
                     on_progress(fraction)
 
-            with Heartbeat(recorder):
+            with Heartbeat(recorder), self.store.job_scope():  # files this job fetched stay pinned on disk until it ends
                 with phase("fetch"):
                     ref, path = self._fetch(job.params.checkpoint)
                 with phase("load"):
                     active = self._activate(ref, path)
                     prepared = active.extras.prepare(job.params)
+                    record["cache"] = self.cache_record()
                 record["checkpoint"] = active.name
                 record["warnings"] += prepared.warnings
                 with phase("generate"):
@@ -172,32 +183,78 @@ class Engine:
             ref = self.store.resolve(CHECKPOINT_KIND, name, field="override_settings.sd_model_checkpoint")
         return ref, self.store.fetch(ref)
 
+    # -- resident checkpoints (model cache: RAM and VRAM tiers) ------------------------------
+    def _models(self):
+        """The pipeline cache (RAM and VRAM tiers), built on first use."""
+        if self._cache is None:
+            from pipelines import memory
+            from pipelines.residency import PipelineCache, attached_modules
+
+            def modules_of(active: Active):
+                return memory.pipeline_modules(active.loaded.pipe) + attached_modules(active.extras)
+
+            self._cache = PipelineCache.for_machine(device=self.device, ram_setting=self.settings.cache_ram_budget,
+                                                    vram_setting=self.settings.cache_vram_budget, modules_of=modules_of,
+                                                    on_drop=_forget)
+        return self._cache
+
     def _activate(self, ref, path: Path) -> Active:
-        from pipelines.checkpoint import load_pipeline
+        from pipelines.memory import estimate_bytes
 
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns, ref.etag)
-        if self.active is not None and self.active.key == key:
-            return self.active
-        # Free the resident pipeline before loading the next one: two full models
-        # side by side is what runs a small instance out of memory.
-        self._release()
-        sha256, short = self.hashes.file_hashes(path)
+        cache = self._models()
+        if self._pinned is not None:  # the previous job is over: its checkpoint may be evicted now
+            cache.release(self._pinned)
+            self._pinned = None
+        stem = Path(ref.name).stem
+        active, event = cache.acquire(key, lambda: self._load(ref, path, key, stem), estimate=estimate_bytes(path, self.dtype), label=stem)
+        self._pinned = key
+        self.active = active
+        self.last_cache = event
+        log.info("checkpoint %s: %s %s%s", stem, "loaded from file" if event.source == "load" else f"{event.source} hit",
+                 event.times, f", evicted {[e['name'] for e in event.evicted]}" if event.evicted else "")
+        return active
+
+    def _load(self, ref, path: Path, key: tuple, stem: str) -> Active:
+        """Read a checkpoint from its file: the sha256 (first time only) is computed beside the load, on the other core."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pipelines.checkpoint import load_pipeline
         from serve.extras import ExtraNetworks
 
-        loaded = load_pipeline(path, device=self.device, dtype=self.dtype)
-        stem = Path(ref.name).stem
+        with ThreadPoolExecutor(1, thread_name_prefix="sd-hash") as pool:
+            hashes = pool.submit(self.hashes.file_hashes, path)
+            loaded = load_pipeline(path, device=self.device, dtype=self.dtype)
+            sha256, short = hashes.result()
+        self._models().share(loaded.pipe)
         extras = ExtraNetworks(loaded, self.store, self.hashes, stem)
-        self.active = Active(key, stem, loaded, dict(loaded.pipe.scheduler.config), sha256, short, extras)
-        return self.active
+        return Active(key, stem, loaded, dict(loaded.pipe.scheduler.config), sha256, short, extras)
+
+    def cache_record(self) -> dict:
+        """The ``cache`` field of ``job.json``: what the checkpoint cost this job, and each tier's counters."""
+        if self._cache is None or self.last_cache is None or self._pinned is None:
+            return {}
+        return self._cache.job_record(self._pinned, self.last_cache)
+
+    def cache_snapshot(self) -> dict:
+        """What ``GET /cache`` shows: the RAM/VRAM tiers, and the disk tier when the store has one."""
+        out: dict = {"memory": self._cache.snapshot() if self._cache is not None else None, "disk": None}
+        if callable(getattr(self.store, "cache_stats", None)):  # the store's disk tier (S3 stores; local: none)
+            try:
+                out["disk"] = {**self.store.cache_stats(), "entries": self.store.cache_snapshot()}
+            except Exception:  # visibility must not break the worker
+                log.warning("disk cache snapshot failed", exc_info=True)
+        return out
 
     def _release(self) -> None:
-        if self.active is None:
-            return
+        """Drop every cached checkpoint not in use and give the memory back."""
+        if self._cache is not None:
+            if self._pinned is not None:
+                self._cache.release(self._pinned)
+                self._pinned = None
+            self._cache.clear()
         self.active = None
-        from pipelines.device import release_memory
-
-        release_memory()
 
     def _generate(self, active: Active, job: Job, prepared, should_abort, on_progress):
         from dataclasses import replace
@@ -420,6 +477,12 @@ def _phase(timings: dict[str, float], name: str):
         yield
     finally:
         timings[name] = round(time.perf_counter() - start, 4)
+
+
+def _forget(active: Active) -> None:
+    """A checkpoint leaves the cache: cut the references its managers hold so nothing keeps the weights alive."""
+    active.extras = None
+    active.loaded = None
 
 
 def _safe_transition(recorder: JobRecorder, status: str, **fields) -> None:

@@ -24,6 +24,8 @@ from serve.worker import WorkerState
 
 router = APIRouter()
 
+CACHE_ANSWER_TIMEOUT = 5.0  # seconds; the worker answers from bookkeeping, in milliseconds
+
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 403, 404, 409, 422, 500, 503, 504)}
 
 
@@ -72,6 +74,23 @@ async def cancel_job(job_id: str, request: Request) -> JSONResponse:
     except Exception as exc:  # noqa: BLE001 - mapped in one place
         return error_response(exc, job_id)
     return JSONResponse({"job_id": job_id, "cancel": marker}, status_code=202)
+
+
+@router.get("/cache", responses={503: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+async def cache(request: Request) -> JSONResponse:
+    """What the worker holds: checkpoints per memory tier (``vram``, ``ram``; LRU first) with budgets,
+    bytes, hits, misses and evictions, and the disk tier when the model store has one. Answered mid-job too."""
+    worker = request.app.state.worker
+    try:
+        future = worker.ask_cache()
+        try:
+            answer = await asyncio.wait_for(asyncio.wrap_future(future), timeout=CACHE_ANSWER_TIMEOUT)
+        except TimeoutError:
+            future.cancel()  # forgets the question
+            raise JobTimeout(f"the worker did not answer within {CACHE_ANSWER_TIMEOUT:.0f} s") from None
+    except Exception as exc:  # noqa: BLE001 - mapped in one place
+        return error_response(exc, None)
+    return JSONResponse(answer)
 
 
 @router.get("/sdapi/v1/samplers")

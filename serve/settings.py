@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -34,11 +34,35 @@ class Settings(BaseSettings):
     max_steps: int = Field(150, ge=1, description="Upper bound of steps.")
     max_batch_size: int = Field(8, ge=1, description="Upper bound of batch_size.")
     max_n_iter: int = Field(16, ge=1, description="Upper bound of n_iter.")
+    max_controlnet_units: int = Field(10, ge=1, le=100, description="Most enabled ControlNet units in one request (alwayson_scripts.controlnet.args).")
+    controlnet_cache_size: int = Field(4, ge=1, le=64, description="Loaded ControlNet models kept in memory (least recently used evicted).")
     request_timeout: float = Field(600.0, gt=0, description="Seconds a real-time request waits for its job before 504.")
     shutdown_grace: float = Field(25.0, gt=0, description="Seconds after SIGTERM for the running job to finish before it is failed.")
     worker_start_timeout: float = Field(300.0, gt=0, description="Seconds the worker may take to become ready before /ping reports it defunct.")
     endpoint_name: str | None = Field(None, validation_alias=AliasChoices("ENDPOINT_NAME", "SAGEMAKER_ENDPOINT_NAME"), description="Endpoint name written into job records (for filtering job lists).")
     log_level: str = Field("info", description="Python log level.")
+    cache_ram_budget: str = Field("auto", description="Bytes of loaded checkpoints kept in RAM (LRU): 'auto' = 50% of total RAM, '12GiB', '40%'. On a CPU-only machine this also covers the checkpoint in use.")
+    cache_vram_budget: str = Field("auto", description="Bytes of checkpoints kept on the GPU (LRU; older ones move to RAM): 'auto' = free memory at start minus max(2 GiB, 20%), '10GiB', '60%'. Ignored without CUDA.")
+    cache_disk_budget: int | None = Field(None, ge=0, description="Bytes of models kept in CACHE_DIR from S3 (LRU), e.g. '40GiB'; unset = 80% of (free space + cached bytes) at start.")
+    cache_min_free: int | None = Field(None, ge=0, description="Free space the disk cache always leaves on its filesystem, e.g. '5GiB'; unset = min(5 GiB, 10% of the filesystem).")
+    s3_concurrency: int | None = Field(None, ge=1, le=64, description="Parallel ranged GETs per model download; unset = 4 per CPU core, 8 to 16.")
+    s3_part_size: int = Field(64 * 1024 * 1024, ge=1024 * 1024, description="Largest ranged GET, e.g. '64MiB' (smaller objects are split so every stream gets a range).")
+    s3_retries: int = Field(5, ge=0, le=20, description="Retries per part on transient S3 errors (connection drops, 5xx, throttling), with exponential backoff.")
+    allowed_s3_prefixes: str = Field("", description="Comma-separated s3://bucket/prefix/ locations models may be read from, besides MODEL_STORE's own prefix.")
+
+    @field_validator("cache_ram_budget", "cache_vram_budget")
+    @classmethod
+    def _budget(cls, value: str) -> str:
+        from model_cache.residency import check_budget
+
+        return check_budget(value)
+
+    @field_validator("cache_disk_budget", "cache_min_free", "s3_part_size", mode="before")
+    @classmethod
+    def _byte_size(cls, value):
+        from model_cache.sizes import parse_size
+
+        return None if value is None or value == "" else parse_size(value)
 
     def worker_view(self) -> dict:
         """The plain dict handed to the worker process (pickled across the spawn boundary)."""

@@ -8,6 +8,7 @@ and fails everything in flight if the child dies. No torch here.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing as mp
 import queue
@@ -44,15 +45,18 @@ class WorkerHandle:
         self._events: mp.Queue = ctx.Queue()
         self._draining = ctx.Event()
         self._abort = ctx.Event()
+        self._queries: mp.Queue = ctx.Queue()  # ("cache", query_id): answered beside a running job
         self._proc = ctx.Process(
             target=_child_entry,
-            args=(settings.worker_view(), self._jobs, self._events, self._draining, self._abort),
+            args=(settings.worker_view(), self._jobs, self._events, self._draining, self._abort, self._queries),
             name="sd-worker",
             daemon=True,
         )
         self._lock = threading.Lock()
         self._futures: dict[str, Future] = {}
         self._jobs_by_id: dict[str, Job] = {}
+        self._answers: dict[int, Future] = {}  # query id → future of the child's answer
+        self._query_ids = itertools.count(1)
         self._running: str | None = None
         self._progress = 0.0
         self._state = WorkerState.STARTING
@@ -143,6 +147,23 @@ class WorkerHandle:
         self._jobs.put(job)
         return future
 
+    # -- questions to the child ---------------------------------------------------------
+    def ask_cache(self) -> Future:
+        """What the worker holds in each cache tier; the future resolves to a dict (answered even mid-job)."""
+        with self._lock:
+            if self._state not in (WorkerState.READY, WorkerState.BUSY):
+                raise NotAccepting(self._state.value)
+            query_id = next(self._query_ids)
+            future: Future = Future()
+            self._answers[query_id] = future
+        future.add_done_callback(lambda _f: self._forget_answer(query_id))
+        self._queries.put(("cache", query_id))
+        return future
+
+    def _forget_answer(self, query_id: int) -> None:
+        with self._lock:
+            self._answers.pop(query_id, None)
+
     # -- events from the child ----------------------------------------------------------
     def _read_events(self) -> None:
         while True:
@@ -160,6 +181,12 @@ class WorkerHandle:
 
     def _dispatch(self, event: tuple) -> None:
         kind = event[0]
+        if kind == "answer":
+            with self._lock:
+                future = self._answers.pop(event[1], None)
+            if future is not None and not future.done():
+                future.set_result(event[2])  # outside the lock: done-callbacks may take it
+            return
         with self._lock:
             if kind == "ready":
                 self.info = event[1]
@@ -196,12 +223,16 @@ class WorkerHandle:
             if not stopping:
                 self._set_defunct_locked(f"worker process exited with code {code}")
             reason = "the server shut down before the job finished" if stopping else f"worker process died (exit code {code})"
+            answers = list(self._answers.values())
             orphans = list(self._futures.items())
             jobs = dict(self._jobs_by_id)
             self._futures.clear()
             self._jobs_by_id.clear()
             running = self._running
             self._running = None
+        for answer in answers:
+            if not answer.done():
+                answer.set_exception(GenerationFailed(reason))
         # the record first, then the answer: a client that reads job.json after its
         # response must find the failure there
         for job_id, future in orphans:
@@ -228,9 +259,9 @@ def _record_orphan(settings: Settings, job: Job | None, reason: str) -> None:
         log.exception("could not record job %s as failed", job.job_id)
 
 
-def _child_entry(settings: dict, jobs, events, draining, abort) -> None:
+def _child_entry(settings: dict, jobs, events, draining, abort, queries) -> None:
     # imported here: the child is a fresh interpreter (spawn), and this keeps torch
     # out of the HTTP process
     from serve.child import run_worker
 
-    run_worker(settings, jobs, events, draining, abort)
+    run_worker(settings, jobs, events, draining, abort, queries)
