@@ -35,23 +35,40 @@ def _run(ctx: typer.Context, task: str, payload: dict, job_id: str | None, local
     typer.echo(submit_async(ctx.obj, endpoint, task, job_id, payload))
 
 
+# A1111 flags shared by txt2img and img2img
+OptNegative = Annotated[str | None, typer.Option("--negative")]
+OptSampler = Annotated[str | None, typer.Option("--sampler", help=_SAMPLER_HELP)]
+OptScheduler = Annotated[str | None, typer.Option("--scheduler", help="Schedule type, e.g. Karras.")]
+OptSteps = Annotated[int | None, typer.Option("--steps")]
+OptCfg = Annotated[float | None, typer.Option("--cfg")]
+OptWidth = Annotated[int | None, typer.Option("--width")]
+OptHeight = Annotated[int | None, typer.Option("--height")]
+OptSeed = Annotated[int | None, typer.Option("--seed")]
+OptBatch = Annotated[int | None, typer.Option("--batch")]
+OptNIter = Annotated[int | None, typer.Option("--n-iter")]
+OptCheckpoint = Annotated[str | None, typer.Option("--checkpoint")]
+OptVae = Annotated[str | None, typer.Option("--vae")]
+OptClipSkip = Annotated[int | None, typer.Option("--clip-skip")]
+OptLora = Annotated[list[str] | None, typer.Option("--lora", help="name:weight, repeatable.")]
+
+
 def txt2img(
     ctx: typer.Context,
     prompt: Annotated[str, typer.Option("--prompt", "-p")],
-    negative: Annotated[str | None, typer.Option("--negative")] = None,
-    sampler: Annotated[str | None, typer.Option("--sampler", help=_SAMPLER_HELP)] = None,
-    scheduler: Annotated[str | None, typer.Option("--scheduler", help="Schedule type, e.g. Karras.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps")] = None,
-    cfg: Annotated[float | None, typer.Option("--cfg")] = None,
-    width: Annotated[int | None, typer.Option("--width")] = None,
-    height: Annotated[int | None, typer.Option("--height")] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
-    batch: Annotated[int | None, typer.Option("--batch")] = None,
-    n_iter: Annotated[int | None, typer.Option("--n-iter")] = None,
-    checkpoint: Annotated[str | None, typer.Option("--checkpoint")] = None,
-    vae: Annotated[str | None, typer.Option("--vae")] = None,
-    clip_skip: Annotated[int | None, typer.Option("--clip-skip")] = None,
-    lora: Annotated[list[str] | None, typer.Option("--lora", help="name:weight, repeatable.")] = None,
+    negative: OptNegative = None,
+    sampler: OptSampler = None,
+    scheduler: OptScheduler = None,
+    steps: OptSteps = None,
+    cfg: OptCfg = None,
+    width: OptWidth = None,
+    height: OptHeight = None,
+    seed: OptSeed = None,
+    batch: OptBatch = None,
+    n_iter: OptNIter = None,
+    checkpoint: OptCheckpoint = None,
+    vae: OptVae = None,
+    clip_skip: OptClipSkip = None,
+    lora: OptLora = None,
     controlnet: Annotated[list[Path] | None, typer.Option("--controlnet", help=_CN_HELP)] = None,
     local: Annotated[str | None, typer.Option("--local", help="Server URL for a synchronous run.")] = None,
     endpoint: Annotated[str | None, typer.Option("--endpoint", help="SageMaker async endpoint name.")] = None,
@@ -75,20 +92,20 @@ def img2img(
     init_image: Annotated[list[Path] | None, typer.Option("--init-image", "-i", help="Start image (PNG, JPEG, WebP, …); one per request.")] = None,
     from_job: Annotated[str | None, typer.Option("--from-job", help="JOB[:n]: start from image n (default 0) of a job and its parameters.")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Default: the --from-job prompt, else empty.")] = None,
-    negative: Annotated[str | None, typer.Option("--negative")] = None,
-    sampler: Annotated[str | None, typer.Option("--sampler", help=_SAMPLER_HELP)] = None,
-    scheduler: Annotated[str | None, typer.Option("--scheduler", help="Schedule type, e.g. Karras.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps")] = None,
-    cfg: Annotated[float | None, typer.Option("--cfg")] = None,
-    width: Annotated[int | None, typer.Option("--width")] = None,
-    height: Annotated[int | None, typer.Option("--height")] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
-    batch: Annotated[int | None, typer.Option("--batch")] = None,
-    n_iter: Annotated[int | None, typer.Option("--n-iter")] = None,
-    checkpoint: Annotated[str | None, typer.Option("--checkpoint")] = None,
-    vae: Annotated[str | None, typer.Option("--vae")] = None,
-    clip_skip: Annotated[int | None, typer.Option("--clip-skip")] = None,
-    lora: Annotated[list[str] | None, typer.Option("--lora", help="name:weight, repeatable.")] = None,
+    negative: OptNegative = None,
+    sampler: OptSampler = None,
+    scheduler: OptScheduler = None,
+    steps: OptSteps = None,
+    cfg: OptCfg = None,
+    width: OptWidth = None,
+    height: OptHeight = None,
+    seed: OptSeed = None,
+    batch: OptBatch = None,
+    n_iter: OptNIter = None,
+    checkpoint: OptCheckpoint = None,
+    vae: OptVae = None,
+    clip_skip: OptClipSkip = None,
+    lora: OptLora = None,
     denoising_strength: Annotated[float | None, typer.Option("--denoising-strength", "--denoise", help="0-1 (A1111 default 0.75).")] = None,
     resize_mode: Annotated[str | None, typer.Option("--resize-mode", help="0 Just resize, 1 Crop and resize, 2 Resize and fill, 3 Just resize (latent upscale).")] = None,
     mask: Annotated[Path | None, typer.Option("--mask", help="Inpainting mask image (white = repaint).")] = None,
