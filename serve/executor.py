@@ -7,8 +7,6 @@ only by ``serve.child`` in the spawned worker, and it imports the torch world
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import time
 from contextlib import contextmanager
@@ -17,15 +15,25 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import Cancelled, ModelNotFound, SDError
+from serve.control import prepare_for_job
 from serve.errors import clean_message
 from serve.jobs_index import TERMINAL
-from serve.records import CANCEL_MARKER, Heartbeat, JobRecorder, RunningFile, endpoint_name, open_writer, output_uri, utcnow
+from serve.records import (
+    CANCEL_MARKER,
+    Heartbeat,
+    JobRecorder,
+    RunningFile,
+    endpoint_name,
+    open_writer,
+    output_uri,
+    utcnow,
+)
 from serve.requests import Job
+from serve.results import a1111_info, encode_images, params_record, response
 from serve.settings import Settings
 
 log = logging.getLogger(__name__)
 
-VERSION = "sd-endpoint-0.1.0"
 CHECKPOINT_KIND = "Stable-diffusion"
 
 
@@ -67,6 +75,7 @@ class Engine:
         )
         self.hashes = HashCache(Path(settings.cache_dir))
         self.active: Active | None = None
+        self.controlnets = None  # serve.control.ControlNets, built by the first job with ControlNet units
         self._cache = None  # pipelines.residency.PipelineCache (see _models)
         self._pinned: tuple | None = None  # key of the checkpoint the current/last job uses
         self.last_cache = None  # model_cache.residency.Event of the last activation
@@ -117,21 +126,26 @@ class Engine:
                 with phase("load"):
                     active = self._activate(ref, path)
                     prepared = active.extras.prepare(job.params)
+                    control = prepare_for_job(self, job, active, prepared)  # ControlNet units: models, preprocessors
                     record["cache"] = self.cache_record()
                 record["checkpoint"] = active.name
                 record["warnings"] += prepared.warnings
-                with phase("generate"):
+                with phase("generate"), control.hook(active.loaded.pipe):
                     images = self._generate(active, job, prepared, watch, progress)
                 with phase("encode"):
-                    infotexts, pngs = self._encode(active, job, prepared, images)
+                    infotexts, pngs = encode_images(active, job, prepared, images)
                 with phase("upload"):
                     keys = []
                     for n, data in enumerate(pngs):
                         name = f"image-{n}.png"
                         writer.put_bytes(job.job_id, name, data, "image/png")
                         keys.append(writer.uri(job.job_id, name))
-                    info = self._info(active, job, infotexts, record)
-                    writer.put_json(job.job_id, "params.json", {**self._params_record(job, active, ref, prepared), "info": info})
+                    for name, data in control.maps:  # detected maps follow the images, as the extension returns them
+                        writer.put_bytes(job.job_id, name, data, "image/png")
+                        keys.append(writer.uri(job.job_id, name))
+                    pngs = pngs + [data for _, data in control.maps]
+                    info = a1111_info(active, job, infotexts, record)
+                    writer.put_json(job.job_id, "params.json", {**params_record(job, active, ref, prepared, device=self.device, dtype=self.describe()["dtype"]), "info": info})
         except Exception as exc:
             err = exc if isinstance(exc, SDError) else None
             if err is None:
@@ -147,7 +161,7 @@ class Engine:
             raise err from None
         recorder.transition("succeed", finished=utcnow(), progress=1.0, images=keys, phase=None, heartbeat=utcnow())
         running.clear()
-        return self._response(job, pngs, info, record, prepared.warnings)
+        return response(job, pngs, info, record, prepared.warnings)
 
     def _replay(self, job: Job, writer, record: dict) -> dict:
         """The result of a job that already succeeded, read back from its output location."""
@@ -159,7 +173,7 @@ class Engine:
                 data = writer.get_bytes(job.job_id, uri.rsplit("/", 1)[-1])
                 if data is not None:
                     pngs.append(data)
-        return {**self._response(job, pngs, info, record, list(params.get("warnings") or [])), "replayed": True}
+        return {**response(job, pngs, info, record, list(params.get("warnings") or [])), "replayed": True}
 
     def record_failure(self, job: Job, err: SDError) -> None:
         """Write a ``failed`` record for a job that never ran (e.g. drained at shutdown)."""
@@ -178,7 +192,7 @@ class Engine:
             refs = self.store.list(CHECKPOINT_KIND)
             if not refs:
                 raise ModelNotFound(f"no checkpoint named in the request and none found in {self.store.description} ({CHECKPOINT_KIND}/)", field="override_settings.sd_model_checkpoint")
-            ref = sorted(refs, key=lambda r: r.name)[0]
+            ref = min(refs, key=lambda r: r.name)
         else:
             ref = self.store.resolve(CHECKPOINT_KIND, name, field="override_settings.sd_model_checkpoint")
         return ref, self.store.fetch(ref)
@@ -278,105 +292,6 @@ class Engine:
             return txt2img_hires(active.loaded.pipe, active.base_scheduler_config, params, should_abort=should_abort, on_step=on_step)
         return txt2img(active.loaded.pipe, active.base_scheduler_config, params, should_abort=should_abort, on_step=on_step)
 
-    def _encode(self, active: Active, job: Job, prepared, images) -> tuple[list[str], list[bytes]]:
-        from pipelines.infotext import build_infotext, png_with_infotext
-
-        infotexts, pngs = [], []
-        for i, image in enumerate(images):
-            text = build_infotext(job.params.prompt, job.params.negative_prompt, self._infotext_params(active, job, prepared, i))
-            infotexts.append(text)
-            pngs.append(png_with_infotext(image, text))
-        return infotexts, pngs
-
-    def _infotext_params(self, active: Active, job: Job, prepared, index: int) -> dict[str, Any]:
-        from pipelines.infotext import a1111_params
-        from pipelines.samplers import resolve_sampler
-
-        p = job.params
-        choice = resolve_sampler(p.sampler_name, p.schedule_type)
-        return a1111_params(
-            steps=p.steps,
-            sampler=p.sampler_name,
-            schedule=p.schedule_type,
-            cfg_scale=p.cfg_scale,
-            seed=p.seeds[index],
-            width=p.width,
-            height=p.height,
-            model_hash=active.short_hash,
-            model=active.name,
-            vae_hash=prepared.vae_infotext.get("VAE hash"),
-            vae=prepared.vae_infotext.get("VAE"),
-            variation_seed=p.subseeds[index],
-            variation_seed_strength=p.subseed_strength,
-            clip_skip=p.clip_stop_at_last_layers,
-            denoising_strength=p.hires.denoising_strength if p.hires else getattr(p, "denoising_strength", None),
-            extra={**dict(choice.infotext_extra), **_img2img_infotext(p), **_hires_infotext(p), **prepared.infotext},
-            version=VERSION,
-        )
-
-    def _params_record(self, job: Job, active: Active, ref, prepared) -> dict:
-        loaded = active.loaded
-        return {
-            "job_id": job.job_id,
-            "task": job.task,
-            "params": job.params.to_dict(),
-            "checkpoint": {
-                "name": ref.name,
-                "location": ref.location,
-                "short_hash": active.short_hash,
-                "sha256": active.sha256,
-                "family": loaded.family,
-                "prediction_type": loaded.prediction_type,
-            },
-            "networks": prepared.records,
-            "device": self.device,
-            "dtype": self.describe()["dtype"],
-            "request": job.payload,
-            "warnings": job.warnings + prepared.warnings,
-        }
-
-    def _info(self, active: Active, job: Job, infotexts: list[str], record: dict) -> dict:
-        """A1111's ``info`` object (kept in ``params.json`` so a replay can answer with it)."""
-        p = job.params
-        return {
-            "prompt": p.prompt,
-            "all_prompts": [p.prompt] * p.image_count,
-            "negative_prompt": p.negative_prompt,
-            "all_negative_prompts": [p.negative_prompt] * p.image_count,
-            "seed": p.seeds[0],
-            "all_seeds": p.seeds,
-            "subseed": p.subseeds[0],
-            "all_subseeds": p.subseeds,
-            "subseed_strength": p.subseed_strength,
-            "width": p.width,
-            "height": p.height,
-            "sampler_name": p.sampler_name,
-            "scheduler": p.schedule_type,
-            "cfg_scale": p.cfg_scale,
-            "steps": p.steps,
-            "batch_size": p.batch_size,
-            "n_iter": p.n_iter,
-            "sd_model_name": active.name,
-            "sd_model_hash": active.short_hash,
-            "clip_skip": p.clip_stop_at_last_layers,
-            "denoising_strength": getattr(p, "denoising_strength", 0),
-            "index_of_first_image": 0,
-            "infotexts": infotexts,
-            "styles": [],
-            "job_timestamp": record["started"],
-            "version": VERSION,
-        }
-
-    def _response(self, job: Job, pngs: list[bytes], info: dict, record: dict, warnings: list[str]) -> dict:
-        inline = job.output.inline and job.send_images
-        return {
-            "images": [base64.b64encode(b).decode("ascii") for b in pngs] if inline else [],
-            "info": json.dumps(info),
-            "job": record,
-            "warnings": warnings,
-        }
-
-
 def _hires_prompts(hires, original, prepared):
     """The second pass's prompts as the text encoder sees them: without extra-network tags."""
     from dataclasses import replace
@@ -386,41 +301,6 @@ def _hires_prompts(hires, original, prepared):
     prompt = prepared.prompt if hires.prompt == original.prompt else extract_networks(hires.prompt)[0]
     negative = prepared.negative_prompt if hires.negative_prompt == original.negative_prompt else hires.negative_prompt
     return replace(hires, prompt=prompt, negative_prompt=negative)
-
-
-def _hires_infotext(p) -> dict[str, Any]:
-    """A1111's hires-fix infotext fields (only those that differ from the first pass, as A1111)."""
-    hr = getattr(p, "hires", None)
-    if hr is None:
-        return {}
-    extra: dict[str, Any] = {}
-    if hr.prompt != p.prompt:
-        extra["Hires prompt"] = hr.prompt
-    if hr.negative_prompt != p.negative_prompt:
-        extra["Hires negative prompt"] = hr.negative_prompt
-    if hr.resize is None:
-        extra["Hires upscale"] = hr.scale
-    else:
-        extra["Hires resize"] = f"{hr.resize[0]}x{hr.resize[1]}"
-    if hr.second_pass_steps:
-        extra["Hires steps"] = hr.second_pass_steps
-    extra["Hires upscaler"] = hr.upscaler
-    if hr.sampler_name != p.sampler_name:
-        extra["Hires sampler"] = hr.sampler_name
-    if hr.schedule_type != p.schedule_type:
-        extra["Hires schedule type"] = hr.schedule_type
-    return extra
-
-
-def _img2img_infotext(p) -> dict[str, Any]:
-    """What A1111 adds to the infotext of an inpainting job (a plain img2img adds only the strength)."""
-    if getattr(p, "mask", None) is None:
-        return {}
-    extra: dict[str, Any] = {"Mask blur": p.mask_blur}
-    if p.inpaint_full_res:
-        extra["Inpaint area"] = "Only masked"
-        extra["Masked area padding"] = p.inpaint_full_res_padding
-    return extra
 
 
 class _CancelWatch:

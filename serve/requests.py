@@ -67,6 +67,7 @@ class Job:
     parameters: dict[str, Any] = field(default_factory=dict)
     send_images: bool = True
     warnings: list[str] = field(default_factory=list)
+    controlnet_units: list[Any] = field(default_factory=list)  # pipelines.control_units.ControlUnit, enabled ones
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -101,6 +102,7 @@ def build_job(body: dict[str, Any], settings: Settings, *, task: str | None = No
         params = resolve_img2img(payload, params, settings, prefix, warnings)
     elif payload.enable_hr:
         params = resolve_hires(payload, params, settings, prefix, warnings)
+    units = _controlnet_units(payload, settings, prefix, warnings, has_init_image=envelope.task == "img2img")
     return Job(
         job_id=envelope.id or str(uuid.uuid4()),
         task=envelope.task,
@@ -110,7 +112,18 @@ def build_job(body: dict[str, Any], settings: Settings, *, task: str | None = No
         parameters=_parameters(payload),
         send_images=payload.send_images,
         warnings=warnings,
+        controlnet_units=units,
     )
+
+
+def _controlnet_units(p: Txt2ImgPayload, settings: Settings, prefix: str, warnings: list[str], *, has_init_image: bool) -> list:
+    """``alwayson_scripts.controlnet.args`` parsed and checked here, so a bad unit is a 422 before queueing."""
+    from pipelines.control_units import parse_units
+    from serve.img2img import _image_pixel_limit
+
+    scripts = {name.lower(): args for name, args in (p.alwayson_scripts or {}).items()}
+    return parse_units(scripts.get("controlnet"), max_units=settings.max_controlnet_units, max_pixels=_image_pixel_limit(settings),
+                       has_init_image=has_init_image, warnings=warnings, prefix=prefix)
 
 
 def _without_images(value: Any, key: str = "") -> Any:
@@ -166,7 +179,7 @@ def _refuse_unsupported(p: Txt2ImgPayload, prefix: str) -> list[str]:
         refuse("seed_resize_from_w", "resizing the seed")
     for name, args in (p.alwayson_scripts or {}).items():
         if name.lower() == "controlnet":
-            refuse("alwayson_scripts.controlnet", "ControlNet")
+            continue  # parsed by _controlnet_units
         if args not in (None, {}, {"args": []}):
             refuse(f"alwayson_scripts.{name}", f"always-on script '{name}'")
     _check_prompts(p, prefix)

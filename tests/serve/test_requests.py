@@ -68,7 +68,7 @@ def test_envelope(settings):
         ({"prompt": "a <wat:foo:1> cat"}, "prompt", "lora"),
         ({"negative_prompt": "a <lora:foo:1>"}, "negative_prompt", "belong in the prompt"),
         ({"prompt": "a cat AND a dog"}, "prompt", "AND"),
-        ({"alwayson_scripts": {"controlnet": {"args": [{"enabled": True}]}}}, "alwayson_scripts.controlnet", "ControlNet"),
+        ({"alwayson_scripts": {"controlnet": {"args": [{"enabled": True}]}}}, "alwayson_scripts.controlnet.args[0].model", "ControlNet model"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 0}}, "override_settings.CLIP_stop_at_last_layers", "between 1 and 12"),
         ({"override_settings": {"sd_vae": 3}}, "override_settings.sd_vae", "VAE file name"),
         ({"restore_faces": True}, "restore_faces", "not supported"),
