@@ -39,6 +39,8 @@ bench: install
 	$(PY) -m bench.switch
 	$(PY) -m bench.load
 	$(PY) -m bench.memory
+	$(PY) -m bench.preprocess
+	$(PY) -m bench.controlnet
 	$(MAKE) bench-tools
 	$(PY) -m bench.s3_fetch
 
