@@ -25,9 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,39 +215,3 @@ def check_compatible(loaded: LoadedControlNet, unet, checkpoint_family: str, *, 
             f"{field}: ControlNet '{name}' expects {have}-wide text embeddings, checkpoint '{checkpoint}' gives {want}",
             field=field,
         )
-
-
-class ControlNetCache:
-    """Loaded ControlNets by file sha256, least recently used evicted past ``capacity``.
-
-    A job with two units naming one model loads it once; the next job reuses it.
-    ``get`` is called from the worker thread only; the lock guards against a
-    second caller (benchmarks) all the same.
-    """
-
-    def __init__(self, capacity: int = 4):
-        self.capacity = max(1, capacity)
-        self._items: OrderedDict[str, LoadedControlNet] = OrderedDict()
-        self._lock = threading.Lock()
-        self.loads = 0
-
-    def get(self, key: str, loader: Callable[[], LoadedControlNet]) -> LoadedControlNet:
-        with self._lock:
-            hit = self._items.get(key)
-            if hit is not None:
-                self._items.move_to_end(key)
-                return hit
-            loaded = loader()
-            self.loads += 1
-            self._items[key] = loaded
-            while len(self._items) > self.capacity:
-                old, _ = self._items.popitem(last=False)
-                log.info("evicted ControlNet %s from memory", old[:12])
-            return loaded
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._items
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()

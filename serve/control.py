@@ -2,7 +2,9 @@
 
 For each enabled unit of a job (already validated by :mod:`pipelines.control_units`
 in the HTTP process): resolve its ``model`` in the store's ``ControlNet/`` folder,
-load it (once per file sha256, kept in a small LRU), check it fits the checkpoint,
+load it (once per file sha256, kept in the worker's model cache beside the
+checkpoints: the same RAM/VRAM byte budgets, LRU, pinned while a job uses it),
+check it fits the checkpoint,
 run its preprocessor (annotator files from the store's ``annotators/``), bring the
 detected map to the generation size, and collect what the infotext and
 ``params.json`` record.  :meth:`PreparedControl.hook` then injects the units into
@@ -69,13 +71,38 @@ class PreparedControl:
 class ControlNets:
     """The worker's ControlNet models and preprocessors (one per engine, lives as long as it)."""
 
-    def __init__(self, store, hashes, *, device: str, dtype, cache_size: int = 4):
-        from pipelines.controlnet import ControlNetCache
+    def __init__(self, store, hashes, *, device: str, dtype, models):
+        """``models``: the worker's :class:`pipelines.residency.PipelineCache` (``acquire``/``release``)."""
         from pipelines.preprocess import Preprocessors
 
         self.store, self.hashes, self.device, self.dtype = store, hashes, device, dtype
-        self.cache = ControlNetCache(cache_size)
+        self.models = models
         self.preprocessors = Preprocessors(self._annotator, device=device)
+        self.loads = 0  # ControlNet files read from disk (the rest were cache hits)
+        self.events: list[dict] = []  # the current job's cache events, for job.json
+        self._pinned: list[tuple] = []
+
+    def release(self) -> None:
+        """Unpin the models the previous job used (they stay cached and may now be evicted)."""
+        pinned, self._pinned = self._pinned, []
+        for key in pinned:
+            self.models.release(key)
+        self.events = []
+
+    def _load(self, path: Path, sha256: str, label: str):
+        """The loaded ControlNet for ``path``, from the cache or the file, pinned until :meth:`release`."""
+        from pipelines.controlnet import load_controlnet
+        from pipelines.memory import estimate_bytes
+
+        def read():
+            self.loads += 1
+            return load_controlnet(path, device=self.device, dtype=self.dtype)
+
+        key = (KIND, sha256, str(self.device), str(self.dtype))
+        loaded, event = self.models.acquire(key, read, estimate=estimate_bytes(path, self.dtype), label=f"{KIND}/{label}")
+        self._pinned.append(key)
+        self.events.append(event.as_dict())
+        return loaded
 
     def _annotator(self, file_name: str) -> Path:
         ref = self.store.resolve(ANNOTATORS, file_name, field=f"{ANNOTATORS}/{file_name}")
@@ -103,14 +130,13 @@ class ControlNets:
         if not units:
             return out
         from pipelines.control_hook import HookUnit, hint_tensor
-        from pipelines.controlnet import FAMILY_NAMES, check_compatible, load_controlnet
+        from pipelines.controlnet import FAMILY_NAMES, check_compatible
         from pipelines.image_input import from_png_bytes, to_png_bytes
 
         for unit in units:
             ref, path = self._model_file(unit)
             sha256, _short = self.hashes.file_hashes(path)
-            loaded = self.cache.get(f"{sha256}:{self.device}:{self.dtype}",
-                                    lambda p=path: load_controlnet(p, device=self.device, dtype=self.dtype))
+            loaded = self._load(path, sha256, Path(ref.name).stem)
             title = f"{Path(ref.name).stem} [{legacy_hash(path)}]"
             check_compatible(loaded, pipe.unet, family, name=title, checkpoint=checkpoint, field=unit.field("model"))
             source = from_png_bytes(unit.image if unit.image is not None else init_image).convert("RGB")
@@ -155,12 +181,13 @@ def prepare_for_job(engine, job, active, prepared) -> PreparedControl:
 
     Builds ``engine.controlnets`` on first use. Jobs without units cost nothing.
     """
+    if getattr(engine, "controlnets", None) is not None:
+        engine.controlnets.release()  # the previous job's models may be evicted now
     units = list(getattr(job, "controlnet_units", None) or [])
     if not units:
         return PreparedControl()
     if getattr(engine, "controlnets", None) is None:
-        engine.controlnets = ControlNets(engine.store, engine.hashes, device=engine.device, dtype=engine.dtype,
-                                         cache_size=getattr(engine.settings, "controlnet_cache_size", 4))
+        engine.controlnets = ControlNets(engine.store, engine.hashes, device=engine.device, dtype=engine.dtype, models=engine.models())
     p = job.params
     control = engine.controlnets.prepare(
         units, pipe=active.loaded.pipe, family=active.loaded.family, checkpoint=active.name, width=p.width, height=p.height,

@@ -79,7 +79,7 @@ class Engine:
         self._cache = None  # pipelines.residency.PipelineCache (see _models)
         self._pinned: tuple | None = None  # key of the checkpoint the current/last job uses
         self.last_cache = None  # model_cache.residency.Event of the last activation
-        self._models()  # budgets resolved (and logged) at start-up; GET /cache shows them before any job
+        self.models()  # budgets resolved (and logged) at start-up; GET /cache shows them before any job
 
     def describe(self) -> dict:
         from pipelines.device import dtype_name, torch_version
@@ -198,14 +198,16 @@ class Engine:
         return ref, self.store.fetch(ref)
 
     # -- resident checkpoints (model cache: RAM and VRAM tiers) ------------------------------
-    def _models(self):
-        """The pipeline cache (RAM and VRAM tiers), built on first use."""
+    def models(self):
+        """The model cache's RAM and VRAM tiers (checkpoints with their extra networks, and ControlNets), built on first use."""
         if self._cache is None:
             from pipelines import memory
             from pipelines.residency import PipelineCache, attached_modules
 
-            def modules_of(active: Active):
-                return memory.pipeline_modules(active.loaded.pipe) + attached_modules(active.extras)
+            def modules_of(value):
+                if not isinstance(value, Active):  # a ControlNet (serve.control)
+                    return [value.model]
+                return memory.pipeline_modules(value.loaded.pipe) + attached_modules(value.extras)
 
             self._cache = PipelineCache.for_machine(device=self.device, ram_setting=self.settings.cache_ram_budget,
                                                     vram_setting=self.settings.cache_vram_budget, modules_of=modules_of,
@@ -217,7 +219,7 @@ class Engine:
 
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns, ref.etag)
-        cache = self._models()
+        cache = self.models()
         if self._pinned is not None:  # the previous job is over: its checkpoint may be evicted now
             cache.release(self._pinned)
             self._pinned = None
@@ -241,7 +243,7 @@ class Engine:
             hashes = pool.submit(self.hashes.file_hashes, path)
             loaded = load_pipeline(path, device=self.device, dtype=self.dtype)
             sha256, short = hashes.result()
-        self._models().share(loaded.pipe)
+        self.models().share(loaded.pipe)
         extras = ExtraNetworks(loaded, self.store, self.hashes, stem)
         return Active(key, stem, loaded, dict(loaded.pipe.scheduler.config), sha256, short, extras)
 
@@ -249,7 +251,10 @@ class Engine:
         """The ``cache`` field of ``job.json``: what the checkpoint cost this job, and each tier's counters."""
         if self._cache is None or self.last_cache is None or self._pinned is None:
             return {}
-        return self._cache.job_record(self._pinned, self.last_cache)
+        out = self._cache.job_record(self._pinned, self.last_cache)
+        if self.controlnets is not None and self.controlnets.events:
+            out["controlnets"] = self.controlnets.events
+        return out
 
     def cache_snapshot(self) -> dict:
         """What ``GET /cache`` shows: the RAM/VRAM tiers, and the disk tier when the store has one."""
@@ -263,6 +268,8 @@ class Engine:
 
     def _release(self) -> None:
         """Drop every cached checkpoint not in use and give the memory back."""
+        if self.controlnets is not None:
+            self.controlnets.release()
         if self._cache is not None:
             if self._pinned is not None:
                 self._cache.release(self._pinned)
@@ -359,8 +366,10 @@ def _phase(timings: dict[str, float], name: str):
         timings[name] = round(time.perf_counter() - start, 4)
 
 
-def _forget(active: Active) -> None:
+def _forget(active) -> None:
     """A checkpoint leaves the cache: cut the references its managers hold so nothing keeps the weights alive."""
+    if not isinstance(active, Active):  # a ControlNet: its module is all it holds
+        return
     active.extras = None
     active.loaded = None
 

@@ -35,7 +35,6 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, description="Upper bound of batch_size.")
     max_n_iter: int = Field(16, ge=1, description="Upper bound of n_iter.")
     max_controlnet_units: int = Field(10, ge=1, le=100, description="Most enabled ControlNet units in one request (alwayson_scripts.controlnet.args).")
-    controlnet_cache_size: int = Field(4, ge=1, le=64, description="Loaded ControlNet models kept in memory (least recently used evicted).")
     request_timeout: float = Field(600.0, gt=0, description="Seconds a real-time request waits for its job before 504.")
     shutdown_grace: float = Field(25.0, gt=0, description="Seconds after SIGTERM for the running job to finish before it is failed.")
     worker_start_timeout: float = Field(300.0, gt=0, description="Seconds the worker may take to become ready before /ping reports it defunct.")

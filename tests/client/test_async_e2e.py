@@ -64,5 +64,25 @@ def test_submit_async_then_list_wait_and_get(sdctl, stubbed, s3_client, s3_bucke
         # SageMaker may deliver the same invocation twice: the record comes back unchanged
         again = play_sagemaker(s3_client, server.url, input_location, "async-out/job-a.out", s3_bucket)
         assert again == answer
+
+        # "send to img2img": job-a's image and parameters start an async img2img job
+        sm_stub.add_response("describe_endpoint", describe("InService"), {"EndpointName": "sd-async"})
+        input_b = f"s3://{s3_bucket}/out/job-b/input.json"
+        rt_stub.add_response(
+            "invoke_endpoint_async",
+            {"InferenceId": "job-b", "OutputLocation": f"s3://{s3_bucket}/async-out/job-b.out"},
+            {"EndpointName": "sd-async", "InputLocation": input_b, "ContentType": "application/json", "InferenceId": "job-b"},
+        )
+        sent = sdctl("img2img", "--from-job", "job-a", "--denoising-strength", "0.5", "--endpoint", "sd-async",
+                     "--id", "job-b", clients=clients, env=env)
+        assert sent.exit_code == 0, sent.output
+        answer_b = play_sagemaker(s3_client, server.url, input_b, "async-out/job-b.out", s3_bucket)
+        assert answer_b["status"] == "succeed" and answer_b["task"] == "img2img"
+        lines = sdctl("jobs", clients=clients, env=env).stdout.split()
+        assert [line.endswith(f"-{j}") for line, j in zip(lines, ("job-b", "job-a"))] == [True, True]  # newest first
+        assert "-img2img-succeed-" in lines[0]
+        assert sdctl("get", "job-b", "-o", str(tmp_path / "dl-b"), clients=clients, env=env).exit_code == 0
+        text = Image.open(next((tmp_path / "dl-b").rglob("image-0.png"))).info["parameters"]
+        assert text.startswith("a lighthouse\nSteps: 2") and "Denoising strength: 0.5" in text and "Seed: 5" in text
     finally:
         server.stop()

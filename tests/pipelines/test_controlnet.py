@@ -17,7 +17,7 @@ from pipelines.control_hook import (
     hint_tensor,
     residual_scales,
 )
-from pipelines.controlnet import ControlNetCache, check_compatible, load_controlnet
+from pipelines.controlnet import check_compatible, load_controlnet
 from pipelines.errors import InvalidParameter, ModelRejected
 from pipelines.params import Txt2ImgParams
 from pipelines.txt2img import txt2img
@@ -106,17 +106,6 @@ def test_sdxl_controlnet_on_sd1_checkpoint_is_refused(sd1, tmp_path):
     with pytest.raises(InvalidParameter) as err:
         check_compatible(loaded, sd1.pipe.unet, "sd1", name="cn-xl", checkpoint="tiny-sd1", field="args[0].model")
     assert "SDXL" in err.value.message and "SD1" in err.value.message and err.value.field == "args[0].model"
-
-
-def test_cache_loads_once():
-    cache, loads = ControlNetCache(capacity=2), []
-
-    def loader(k):
-        return lambda: loads.append(k) or k
-
-    for key in ("x", "x", "y", "z", "x"):
-        cache.get(key, loader(key))
-    assert loads == ["x", "y", "z", "x"] and "y" not in cache
 
 
 def test_soft_injection_scales():

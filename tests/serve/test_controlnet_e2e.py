@@ -84,6 +84,11 @@ def test_one_unit_changes_the_image_records_it_and_returns_its_map(cn_server, ba
     [rec] = params["networks"]["controlnet"]
     assert rec["module"] == "canny" and len(rec["model_file"]["sha256"]) == 64 and rec["image"]["bytes"] > 0
     assert (job_dir / rec["detected_map"]).is_file()
+    cache = json.loads((job_dir / "job.json").read_text())["cache"]
+    assert [e["label"] for e in cache["controlnets"]] == ["ControlNet/cn-a"]
+    assert "ControlNet/cn-a" in cache["tiers"]["ram"]["models"]  # the same byte budget as the checkpoints
+    listed = httpx.get(cn_server.url + "/cache", timeout=30).json()
+    assert "ControlNet/cn-a" in [e["name"] for e in listed["memory"]["tiers"]["ram"]["entries"]]
 
 
 def test_weight_zero_equals_no_controlnet_and_map_can_be_off(cn_server, base):
@@ -157,12 +162,63 @@ def test_worker_side_units_from_the_store(tiny_model_store, tmp_path):
     units = parse_units({"args": [unit(model="cn-a [00000000]", pixel_perfect=True),
                                   unit(model="cn-diffusers", module="invert", resize_mode="Resize and Fill", weight=0.5)]},
                         max_units=10, max_pixels=10**6, has_init_image=False, warnings=[])
-    nets = ControlNets(LocalStore(root), HashCache(tmp_path / "cache"), device="cpu", dtype=torch.float32)
+    from pipelines.residency import PipelineCache
+
+    models = PipelineCache(device="cpu", ram_budget=1 << 30, vram_budget=None, modules_of=lambda v: [v.model])
+    nets = ControlNets(LocalStore(root), HashCache(tmp_path / "cache"), device="cpu", dtype=torch.float32, models=models)
     prepared = nets.prepare(units, pipe=loaded.pipe, family="sd1", checkpoint="tiny-sd1", width=SIZE, height=SIZE, seed=1)
     assert [u.hint.shape for u in prepared.units] == [(1, 3, SIZE, SIZE)] * 2
     assert [r["model_file"]["layout"] for r in prepared.records] == ["original", "diffusers"]
     assert prepared.records[0]["processor_res"] == 64  # pixel perfect: 96x80 cropped onto 64x64 → short side 80 x 0.8
     assert "Processor Res" not in prepared.infotext["ControlNet 1"]  # invert has no resolution slider
     assert [name for name, _ in prepared.maps] == ["controlnet-0-canny.png", "controlnet-1-invert.png"]
+    assert [e["source"] for e in nets.events] == ["load", "load"]
+    nets.release()
     nets.prepare(units, pipe=loaded.pipe, family="sd1", checkpoint="tiny-sd1", width=SIZE, height=SIZE, seed=1)
-    assert nets.cache.loads == 2  # the second job reuses both models
+    assert nets.loads == 2 and [e["source"] for e in nets.events] == ["ram", "ram"]  # the second job reuses both models
+
+
+def test_controlnets_live_under_the_byte_budget(tiny_model_store, tmp_path):
+    """ControlNets are evicted LRU-first when the RAM budget is full, never while the job uses them."""
+    import torch
+
+    from model_cache.hashes import HashCache
+    from model_cache.store import LocalStore
+    from pipelines.checkpoint import load_pipeline
+    from pipelines.control_units import parse_units
+    from pipelines.memory import module_bytes
+    from pipelines.residency import PipelineCache
+    from serve.control import ControlNets
+
+    root = tmp_path / "store"
+    loaded = load_pipeline(tiny_model_store / "Stable-diffusion" / "tiny-sd1.safetensors")
+    for n, name in enumerate(("cn-a", "cn-b", "cn-c")):
+        write_original_controlnet(root / "ControlNet", name, loaded.pipe.unet, seed=n + 1)
+
+    def units(*names):
+        return parse_units({"args": [unit(model=name, module="invert") for name in names]},
+                           max_units=10, max_pixels=10**6, has_init_image=False, warnings=[])
+
+    probe = ControlNets(LocalStore(root), HashCache(tmp_path / "cache"), device="cpu", dtype=torch.float32,
+                        models=PipelineCache(device="cpu", ram_budget=1 << 30, vram_budget=None, modules_of=lambda v: [v.model]))
+    prepared = probe.prepare(units("cn-a"), pipe=loaded.pipe, family="sd1", checkpoint="tiny-sd1", width=SIZE, height=SIZE, seed=1)
+    one = module_bytes(prepared.units[0].controlnet)
+    models = PipelineCache(device="cpu", ram_budget=int(one * 2.5), vram_budget=None, modules_of=lambda v: [v.model])
+    nets = ControlNets(LocalStore(root), HashCache(tmp_path / "cache"), device="cpu", dtype=torch.float32, models=models)
+
+    def job(*names):
+        nets.release()
+        nets.prepare(units(*names), pipe=loaded.pipe, family="sd1", checkpoint="tiny-sd1", width=SIZE, height=SIZE, seed=1)
+        return [e["source"] for e in nets.events], [x["name"] for e in nets.events for x in e["evicted"]]
+
+    assert job("cn-a", "cn-b") == (["load", "load"], [])
+    assert job("cn-a") == (["ram"], [])  # cn-b is now the least recently used
+    assert job("cn-c") == (["load"], ["ControlNet/cn-b"])
+    assert models.residency.used("ram") <= int(one * 2.5)
+    # three in one job exceed the budget: cn-b's load evicts the unpinned cn-c, which then loads again;
+    # all three stay while the job runs (pinned), the overflow goes after it
+    assert job("cn-a", "cn-b", "cn-c") == (["ram", "load", "load"], ["ControlNet/cn-c"])
+    assert len(models.residency.keys("ram")) == 3
+    job()
+    models.refresh(next(iter(models.residency.keys("ram"))))
+    assert len(models.residency.keys("ram")) == 2
