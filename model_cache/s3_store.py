@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from model_cache import names, transfer
 from model_cache.access import S3AllowList
 from model_cache.atomic import write_bytes_atomic
 from model_cache.disk import DiskCache
+from model_cache.explicit import ExplicitModels
 from model_cache.integrity import check_safetensors
 from model_cache.refs import ModelRef, match_by_stem, not_found
 from model_cache.s3 import ObjectChanged, is_not_found, parse_s3_uri
@@ -66,6 +68,7 @@ class S3Store:
         # One thread fsyncs finished downloads in the background: the file is usable at once,
         # durable a little later (the disk tier removes what was not, at the next start).
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="disk-sync")
+        self._job = threading.local()  # per-thread: the running job's explicit locations (see explicit())
         self._adopt()
 
     # -- listing and names ---------------------------------------------------------------
@@ -82,8 +85,33 @@ class S3Store:
             etag=(etag or "").strip('"') or None,
         )
 
+    @contextmanager
+    def explicit(self, models: ExplicitModels):
+        """Inside the block, this thread's ``resolve``/``list`` also see ``models`` (the envelope's explicit
+        S3 locations, :mod:`model_cache.explicit`), each checked against the allow-list again when used."""
+        previous = getattr(self._job, "models", None)
+        self._job.models = models
+        try:
+            yield self
+        finally:
+            self._job.models = previous
+
+    def _explicit(self) -> ExplicitModels:
+        return getattr(self._job, "models", None) or ExplicitModels()
+
     def list(self, kind: str) -> list[ModelRef]:
-        """Every model object of ``kind`` with size and last-modified, sorted by name. Keys no name could reach are skipped."""
+        """Every model object of ``kind`` with size and last-modified, sorted by name (with the running job's
+        explicit locations of that kind). Keys no name could reach are skipped."""
+        refs = self._list(kind)
+        seen = {ref.location for ref in refs}
+        for item in self._explicit().of_kind(kind):
+            ref = self.resolve_uri(kind, item.uri, field=item.field)
+            if ref.location not in seen:
+                refs.append(ref)
+                seen.add(ref.location)
+        return sorted(refs, key=lambda ref: ref.name)
+
+    def _list(self, kind: str) -> list[ModelRef]:
         base = self._kind_prefix(kind)
         refs: list[ModelRef] = []
         paginator = self.client.get_paginator("list_objects_v2")
@@ -113,12 +141,15 @@ class S3Store:
         """Find the object ``name`` means (HEAD per candidate, then a stem search), or raise ModelNotFound."""
         base = self._kind_prefix(kind)
         clean, _hash = names.clean_name(name, field=field)
+        item = self._explicit().match(kind, clean)
+        if item is not None:  # the request gave this model's location
+            return self.resolve_uri(kind, item.uri, field=item.field)
         tried = names.candidates(kind, clean)
         for candidate in tried:
             ref = self._head(kind, candidate, self.bucket, base + candidate)
             if ref is not None:
                 return ref
-        found = match_by_stem(kind, clean, self.list(kind))
+        found = match_by_stem(kind, clean, self._list(kind))
         if found is not None:
             return found
         raise not_found(kind, clean, f"s3://{self.bucket}/{base}", tried, field)

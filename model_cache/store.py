@@ -124,6 +124,12 @@ class LocalStore:
         """Nothing to pin: local files are used in place and never evicted."""
         return nullcontext()
 
+    def explicit(self, models):
+        """Explicit S3 locations have no disk tier to go through here (requests are refused earlier too)."""
+        for item in getattr(models, "items", ()):
+            raise Forbidden(f"{item.field}: explicit S3 model locations need MODEL_STORE on S3 (got {item.uri})", field=item.field)
+        return nullcontext(self)
+
     def cache_snapshot(self) -> list[dict]:
         """A local store has no disk tier: models are used where they are."""
         return []

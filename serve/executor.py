@@ -120,7 +120,8 @@ class Engine:
                 if on_progress is not None:
                     on_progress(fraction)
 
-            with Heartbeat(recorder), self.store.job_scope():  # files this job fetched stay pinned on disk until it ends
+            # files this job fetched stay pinned on disk until it ends; the request's explicit S3 locations are visible to it
+            with Heartbeat(recorder), self.store.job_scope(), self.store.explicit(job.models):
                 with phase("fetch"):
                     ref, path = self._fetch(job.params.checkpoint)
                 with phase("load"):

@@ -10,11 +10,13 @@ import hashlib
 import json
 import secrets
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
 
+from model_cache.access import S3AllowList, parse_prefixes
+from model_cache.explicit import ExplicitModels, parse_models
 from pipelines.errors import InvalidParameter
 from pipelines.params import Img2ImgParams, Txt2ImgParams
 from pipelines.prompt import (
@@ -68,6 +70,7 @@ class Job:
     send_images: bool = True
     warnings: list[str] = field(default_factory=list)
     controlnet_units: list[Any] = field(default_factory=list)  # pipelines.control_units.ControlUnit, enabled ones
+    models: ExplicitModels = field(default_factory=ExplicitModels)  # the envelope's explicit S3 locations
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -89,8 +92,7 @@ def build_job(body: dict[str, Any], settings: Settings, *, task: str | None = No
             raise InvalidParameter(f"task: this route runs {task}, the envelope says {envelope.task}", field="task")
     else:
         envelope = Envelope(task=task or ("img2img" if looks_like_img2img(body) else "txt2img"), payload=body)
-    if envelope.models:
-        raise InvalidParameter("explicit model locations are not supported yet; name models as in A1111", field="models")
+    explicit = parse_models(envelope.models, allow=model_allow_list(settings))
     prefix = "payload." if "payload" in body else ""
     schema = Img2ImgPayload if envelope.task == "img2img" else Txt2ImgPayload
     payload = _validate(schema, envelope.payload, settings, prefix=prefix)
@@ -103,6 +105,8 @@ def build_job(body: dict[str, Any], settings: Settings, *, task: str | None = No
     elif payload.enable_hr:
         params = resolve_hires(payload, params, settings, prefix, warnings)
     units = _controlnet_units(payload, settings, prefix, warnings, has_init_image=envelope.task == "img2img")
+    if explicit.default_checkpoint() and not (payload.override_settings or {}).get("sd_model_checkpoint"):
+        params = replace(params, checkpoint=explicit.default_checkpoint())  # no name: the checkpoint the request located
     return Job(
         job_id=envelope.id or str(uuid.uuid4()),
         task=envelope.task,
@@ -113,7 +117,15 @@ def build_job(body: dict[str, Any], settings: Settings, *, task: str | None = No
         send_images=payload.send_images,
         warnings=warnings,
         controlnet_units=units,
+        models=explicit,
     )
+
+
+def model_allow_list(settings: Settings) -> S3AllowList | None:
+    """Where explicit model locations may point: MODEL_STORE's prefix and ALLOWED_S3_PREFIXES (``None``: a local store)."""
+    if not settings.model_store.startswith("s3://"):
+        return None
+    return S3AllowList([settings.model_store, *parse_prefixes(settings.allowed_s3_prefixes)])
 
 
 def _controlnet_units(p: Txt2ImgPayload, settings: Settings, prefix: str, warnings: list[str], *, has_init_image: bool) -> list:

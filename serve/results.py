@@ -71,6 +71,7 @@ def params_record(job: Job, active, ref, prepared, *, device: str, dtype: str) -
         "device": device,
         "dtype": dtype,
         "request": job.payload,
+        "models": job.models.as_dict(),
         "warnings": job.warnings + prepared.warnings,
     }
 

@@ -32,7 +32,8 @@ def s3_server_proc(tiny_model_store, s3_server, s3_env, tmp_path_factory):
             client.upload_file(str(src), bucket, f"models/Stable-diffusion/{name}")
     tmp = tmp_path_factory.mktemp("s3e2e")
     proc = ServerProcess(
-        {**s3_env, "MODEL_STORE": f"s3://{bucket}/models/", "OUTPUT": f"s3://{bucket}/outputs/", "CACHE_DIR": str(tmp / "cache")},
+        {**s3_env, "MODEL_STORE": f"s3://{bucket}/models/", "OUTPUT": f"s3://{bucket}/outputs/", "CACHE_DIR": str(tmp / "cache"),
+         "ALLOWED_S3_PREFIXES": f"s3://{bucket}/team/"},
         log_path=tmp / "server.log",
     ).start()
     proc.bucket, proc.client, proc.cache = bucket, client, tmp / "cache"
@@ -75,3 +76,35 @@ def test_unknown_model_in_s3_is_404_naming_the_bucket(s3_server_proc):
     r = httpx.post(srv.url + "/invocations", json={**SMALL, "override_settings": {"sd_model_checkpoint": "ghost"}}, timeout=60)
     assert r.status_code == 404
     assert "ghost" in r.json()["detail"] and f"s3://{srv.bucket}/models/Stable-diffusion/" in r.json()["detail"]
+
+
+def test_explicit_model_locations(s3_server_proc, tiny_model_store):
+    """The envelope's ``models``: a checkpoint outside the store's folder, used under its file name; the allow-list holds."""
+    srv = s3_server_proc
+    sd = Path(tiny_model_store) / "Stable-diffusion"
+    srv.client.upload_file(str(sd / "tiny-sd1.safetensors"), srv.bucket, "team/ckpt/explicit-sd1.safetensors")
+    upload_tree(srv.client, srv.bucket, sd / "tiny-sd1.config", "team/ckpt/explicit-sd1.config/")
+    uri = f"s3://{srv.bucket}/team/ckpt/explicit-sd1.safetensors"
+
+    def post(models, **payload):
+        body = {"task": "txt2img", "payload": {**SMALL, **payload}, "models": models}
+        return httpx.post(srv.url + "/invocations", json=body, timeout=120)
+
+    r = post({"Stable-diffusion": [uri]})  # no checkpoint named: the located one
+    assert r.status_code == 200, r.text + srv.log_tail()
+    key = f"outputs/{r.json()['job_id']}/params.json"
+    params = json.loads(srv.client.get_object(Bucket=srv.bucket, Key=key)["Body"].read())
+    assert params["checkpoint"]["location"] == uri and params["models"] == {"Stable-diffusion": [uri]}
+    assert (srv.cache / srv.bucket / "team" / "ckpt" / "explicit-sd1.config" / "model_index.json").is_file()
+    named = post({"Stable-diffusion": [uri]}, override_settings={"sd_model_checkpoint": "explicit-sd1 [0123456789]"})
+    assert named.status_code == 200, named.text
+    assert named.json()["images"] == r.json()["images"]  # same seed, same weights
+
+    outside = f"s3://{srv.bucket}/private/x.safetensors"
+    refused = post({"Stable-diffusion": [outside]})
+    assert refused.status_code == 403, refused.text
+    assert "models.Stable-diffusion[0]" in refused.text and "ALLOWED_S3_PREFIXES" in refused.text
+    bad = post({"Lora": [f"s3://{srv.bucket}/team/a%2f..%2fx.safetensors"]})
+    assert bad.status_code == 422 and "models.Lora[0]" in bad.text
+    missing = post({"Stable-diffusion": [f"s3://{srv.bucket}/team/ckpt/nope.safetensors"]})
+    assert missing.status_code == 404 and "models.Stable-diffusion[0]" in missing.text

@@ -125,3 +125,22 @@ def test_prompt_comments_are_dropped_as_in_a1111(settings):
     job = build_job({"prompt": "a cat # not this\non a mat"}, settings)
     assert "not this" not in job.params.prompt and "a cat" in job.params.prompt and "on a mat" in job.params.prompt
     assert job.parameters["prompt"] == "a cat # not this\non a mat"
+
+
+def test_explicit_model_locations_are_checked_on_arrival(settings):
+    from pipelines.errors import Forbidden
+
+    uri = "s3://team-bucket/shared/x.safetensors"
+    body = {"task": "txt2img", "payload": {"prompt": "p"}, "models": {"Stable-diffusion": [uri]}}
+    with pytest.raises(Forbidden) as local:  # a local store has no S3 to read them through
+        build_job(body, settings)
+    assert local.value.field == "models.Stable-diffusion[0]"
+    on_s3 = settings.model_copy(update={"model_store": "s3://team-bucket/models/"})
+    with pytest.raises(Forbidden) as outside:
+        build_job(body, on_s3)
+    assert "ALLOWED_S3_PREFIXES" in outside.value.message
+    allowed = on_s3.model_copy(update={"allowed_s3_prefixes": "s3://team-bucket/shared/"})
+    job = build_job(body, allowed)
+    assert job.params.checkpoint == "x.safetensors" and job.models.as_dict() == {"Stable-diffusion": [uri]}
+    named = build_job({**body, "payload": {"prompt": "p", "override_settings": {"sd_model_checkpoint": "other"}}}, allowed)
+    assert named.params.checkpoint == "other"
