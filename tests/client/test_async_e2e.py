@@ -26,6 +26,19 @@ def play_sagemaker(s3_client, server_url: str, input_location: str, output_key: 
     return r.json()
 
 
+def expect_submission(stubbed, bucket: str, job_id: str) -> str:  # noqa: F811
+    """SageMaker's side of one async submission to the InService ``sd-async``; returns the input's location."""
+    sm_stub, rt_stub, _clients = stubbed
+    sm_stub.add_response("describe_endpoint", describe("InService"), {"EndpointName": "sd-async"})
+    input_location = f"s3://{bucket}/out/{job_id}/input.json"
+    rt_stub.add_response(
+        "invoke_endpoint_async",
+        {"InferenceId": job_id, "OutputLocation": f"s3://{bucket}/async-out/{job_id}.out"},
+        {"EndpointName": "sd-async", "InputLocation": input_location, "ContentType": "application/json", "InferenceId": job_id},
+    )
+    return input_location
+
+
 def test_submit_async_then_list_wait_and_get(sdctl, stubbed, s3_client, s3_bucket, s3_env, tiny_model_store, tmp_path):  # noqa: F811
     out = f"s3://{s3_bucket}/out/"
     server = ServerProcess(
@@ -33,14 +46,8 @@ def test_submit_async_then_list_wait_and_get(sdctl, stubbed, s3_client, s3_bucke
         log_path=tmp_path / "server.log",
     ).start()
     try:
-        sm_stub, rt_stub, clients = stubbed
-        sm_stub.add_response("describe_endpoint", describe("InService"), {"EndpointName": "sd-async"})
-        input_location = f"s3://{s3_bucket}/out/job-a/input.json"
-        rt_stub.add_response(
-            "invoke_endpoint_async",
-            {"InferenceId": "job-a", "OutputLocation": f"s3://{s3_bucket}/async-out/job-a.out"},
-            {"EndpointName": "sd-async", "InputLocation": input_location, "ContentType": "application/json", "InferenceId": "job-a"},
-        )
+        _sm_stub, _rt_stub, clients = stubbed
+        input_location = expect_submission(stubbed, s3_bucket, "job-a")
         env = {**s3_env, "SD_OUTPUT": out}
         submitted = sdctl("txt2img", "--prompt", "a lighthouse", "--steps", "2", "--width", "64", "--height", "64",
                           "--seed", "5", "--checkpoint", "tiny-sd1", "--endpoint", "sd-async", "--id", "job-a",
@@ -66,13 +73,7 @@ def test_submit_async_then_list_wait_and_get(sdctl, stubbed, s3_client, s3_bucke
         assert again == answer
 
         # "send to img2img": job-a's image and parameters start an async img2img job
-        sm_stub.add_response("describe_endpoint", describe("InService"), {"EndpointName": "sd-async"})
-        input_b = f"s3://{s3_bucket}/out/job-b/input.json"
-        rt_stub.add_response(
-            "invoke_endpoint_async",
-            {"InferenceId": "job-b", "OutputLocation": f"s3://{s3_bucket}/async-out/job-b.out"},
-            {"EndpointName": "sd-async", "InputLocation": input_b, "ContentType": "application/json", "InferenceId": "job-b"},
-        )
+        input_b = expect_submission(stubbed, s3_bucket, "job-b")
         sent = sdctl("img2img", "--from-job", "job-a", "--denoising-strength", "0.5", "--endpoint", "sd-async",
                      "--id", "job-b", clients=clients, env=env)
         assert sent.exit_code == 0, sent.output

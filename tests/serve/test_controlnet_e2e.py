@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 
 import httpx
 import numpy as np
@@ -15,6 +14,7 @@ from PIL import Image
 from pipelines.infotext import parse_infotext
 from pipelines.tiny import build_tiny_pipeline
 from tests.support.controlnet_files import write_original_controlnet
+from tests.support.model_fixtures import copy_checkpoint
 from tests.support.server import running_server
 
 SIZE = 64
@@ -33,12 +33,8 @@ def png_b64(seed: int = 0, size=(96, 80)) -> str:
 @pytest.fixture(scope="module")
 def cn_server(tiny_model_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("cnstore")
-    sd = root / "Stable-diffusion"
-    sd.mkdir()
-    src = tiny_model_store / "Stable-diffusion"
     for stem in ("tiny-sd1", "tiny-sdxl"):
-        shutil.copytree(src / f"{stem}.config", sd / f"{stem}.config")
-        shutil.copy2(src / f"{stem}.safetensors", sd / f"{stem}.safetensors")
+        copy_checkpoint(tiny_model_store, stem, root / "Stable-diffusion")
     unet = build_tiny_pipeline("sd1", seed=0).unet
     write_original_controlnet(root / "ControlNet", "cn-a", unet, seed=1)
     write_original_controlnet(root / "ControlNet" / "sub", "cn-b", unet, seed=2, suffix=".pth")

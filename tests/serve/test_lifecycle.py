@@ -2,7 +2,6 @@
 
 import json
 import pickle
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.support.model_fixtures import copy_checkpoint
 from tests.support.server import ServerProcess
 
 SMALL = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "seed": 1}
@@ -18,11 +18,7 @@ SLOW = {"prompt": "x", "steps": 150, "width": 256, "height": 256, "batch_size": 
 
 
 def make_store(tiny_model_store: Path, root: Path) -> Path:
-    sd = root / "Stable-diffusion"
-    sd.mkdir(parents=True)
-    src = tiny_model_store / "Stable-diffusion"
-    shutil.copytree(src / "tiny-sd1.config", sd / "tiny-sd1.config")
-    shutil.copy2(src / "tiny-sd1.safetensors", sd / "tiny-sd1.safetensors")
+    copy_checkpoint(tiny_model_store, "tiny-sd1", root / "Stable-diffusion")
     return root
 
 

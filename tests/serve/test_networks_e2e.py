@@ -3,7 +3,6 @@
 import base64
 import io
 import json
-import shutil
 
 import httpx
 import numpy as np
@@ -13,6 +12,7 @@ from PIL import Image
 from pipelines.tiny import build_tiny_pipeline
 from tests.support.lora_files import write_kohya_lora
 from tests.support.network_files import random_vectors, write_embedding, write_hypernetwork, write_vae
+from tests.support.model_fixtures import copy_checkpoint
 from tests.support.server import ServerProcess
 
 BASE = {"prompt": "a photo of a cat", "negative_prompt": "", "steps": 2, "width": 64, "height": 64, "seed": 3, "cfg_scale": 5}
@@ -21,11 +21,7 @@ BASE = {"prompt": "a photo of a cat", "negative_prompt": "", "steps": 2, "width"
 @pytest.fixture(scope="module")
 def net_server(tiny_model_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("netstore")
-    sd = root / "Stable-diffusion"
-    sd.mkdir()
-    src = tiny_model_store / "Stable-diffusion"
-    shutil.copytree(src / "tiny-sd1.config", sd / "tiny-sd1.config")
-    shutil.copy2(src / "tiny-sd1.safetensors", sd / "tiny-sd1.safetensors")
+    copy_checkpoint(tiny_model_store, "tiny-sd1", root / "Stable-diffusion")
     pipe = build_tiny_pipeline("sd1", seed=0)
     write_kohya_lora(root / "Lora" / "styles" / "inky.safetensors", pipe, "sd1", seed=1, magnitude=0.5)
     write_kohya_lora(root / "Lora" / "bright.safetensors", pipe, "sd1", seed=2, magnitude=0.5)

@@ -64,13 +64,17 @@ def tiny_checkpoint_copy(tiny_model_store, tmp_path):
     """Copy a store checkpoint (and its .config/) into a fresh folder: ``copy("tiny-sd1") -> Path``."""
 
     def copy(stem: str, dest: Path | None = None) -> Path:
-        src = tiny_model_store / "Stable-diffusion"
-        dest = Path(dest or tmp_path / "Stable-diffusion")
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(src / f"{stem}.config", dest / f"{stem}.config", dirs_exist_ok=True)
-        return Path(shutil.copy2(src / f"{stem}.safetensors", dest / f"{stem}.safetensors"))
+        return copy_checkpoint(tiny_model_store, stem, Path(dest or tmp_path / "Stable-diffusion"))
 
     return copy
+
+
+def copy_checkpoint(tiny_model_store: Path, stem: str, dest: Path) -> Path:
+    """Copy ``<stem>.safetensors`` and its ``.config/`` from the shared tiny store into the folder ``dest``."""
+    src = Path(tiny_model_store) / "Stable-diffusion"
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / f"{stem}.config", dest / f"{stem}.config", dirs_exist_ok=True)
+    return Path(shutil.copy2(src / f"{stem}.safetensors", dest / f"{stem}.safetensors"))
 
 
 @pytest.fixture
