@@ -52,6 +52,12 @@ class InsufficientStorage(SDError):
     kind = "insufficient_storage"
 
 
+class SourceUnavailable(SDError):
+    """Something the request points at could not be read for a reason not its own: S3 down, throttled (HTTP 502)."""
+
+    kind = "source_unavailable"
+
+
 class GenerationFailed(SDError):
     """Generation itself failed (HTTP 500): out of memory, NaNs, a cancelled job."""
 
@@ -64,7 +70,8 @@ class Cancelled(GenerationFailed):
     kind = "cancelled"
 
 
-KINDS = {cls.kind: cls for cls in (SDError, InvalidParameter, ModelNotFound, ModelRejected, Forbidden, InsufficientStorage, GenerationFailed, Cancelled)}
+KINDS = {cls.kind: cls for cls in (SDError, InvalidParameter, ModelNotFound, ModelRejected, Forbidden, InsufficientStorage,
+                                   SourceUnavailable, GenerationFailed, Cancelled)}
 
 
 def from_dict(data: dict) -> SDError:

@@ -35,6 +35,9 @@ def decode_image_b64(value: object, *, field: str, max_pixels: int, max_bytes: i
     if not isinstance(value, str) or not value.strip():
         raise InvalidParameter(f"{field}: must be a base64-encoded image", field=field)
     text = value.strip()
+    if text.startswith(("s3://", "file://")):
+        raise InvalidParameter(f"{field}: image locations (s3://, file://) are taken in the envelope's payload only; "
+                               "send base64 here", field=field)
     if text.startswith("data:"):
         head, sep, text = text.partition(",")
         if not sep or ";base64" not in head:

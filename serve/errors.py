@@ -23,6 +23,7 @@ from pipelines.errors import (
     ModelNotFound,
     ModelRejected,
     SDError,
+    SourceUnavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ _STATUS = {
     ModelNotFound: 404,
     Forbidden: 403,
     InsufficientStorage: 507,
+    SourceUnavailable: 502,
     Cancelled: 503,
     GenerationFailed: 500,
 }

@@ -71,6 +71,7 @@ class Job:
     warnings: list[str] = field(default_factory=list)
     controlnet_units: list[Any] = field(default_factory=list)  # pipelines.control_units.ControlUnit, enabled ones
     models: ExplicitModels = field(default_factory=ExplicitModels)  # the envelope's explicit S3 locations
+    image_sources: dict[str, str] = field(default_factory=dict)  # payload field → the URI its image was read from
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:

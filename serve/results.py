@@ -72,6 +72,7 @@ def params_record(job: Job, active, ref, prepared, *, device: str, dtype: str) -
         "dtype": dtype,
         "request": job.payload,
         "models": job.models.as_dict(),
+        "image_sources": job.image_sources,
         "warnings": job.warnings + prepared.warnings,
     }
 

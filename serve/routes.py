@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 
 from pipelines.samplers import list_samplers, list_schedulers
 from serve.errors import JobTimeout, error_response
+from serve.image_uris import image_slots, inline_image_uris
 from serve.records import CANCEL_MARKER, open_writer_at
 from serve.requests import build_job, parse_body
 from serve.schemas import ErrorBody, Txt2ImgResponse
@@ -26,7 +27,7 @@ router = APIRouter()
 
 CACHE_ANSWER_TIMEOUT = 5.0  # seconds; the worker answers from bookkeeping, in milliseconds
 
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 403, 404, 409, 422, 500, 503, 504)}
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 403, 404, 409, 422, 500, 502, 503, 504)}
 
 
 @router.get("/ping", responses={503: {"model": ErrorBody}})
@@ -109,7 +110,11 @@ async def _run(request: Request, task: str | None) -> JSONResponse:
     job_id = None
     try:
         body = parse_body(await request.body())
+        sources = {}
+        if isinstance(body.get("payload"), dict) and image_slots(body["payload"]):  # images given by location
+            sources = await asyncio.to_thread(inline_image_uris, body, settings, lambda: _s3_client(request.app))
         job = build_job(body, settings, task=task)
+        job.image_sources = sources
         job_id = job.job_id
         future = worker.submit(job)
         try:
@@ -131,3 +136,14 @@ async def _run(request: Request, task: str | None) -> JSONResponse:
             "job": result["job"],
         }
     )
+
+
+def _s3_client(app):
+    """One S3 client for the HTTP process (made on first use: local-only setups never need AWS settings)."""
+    client = getattr(app.state, "s3_client", None)
+    if client is None:
+        from model_cache.s3 import make_s3_client
+
+        settings = app.state.settings
+        client = app.state.s3_client = make_s3_client(settings.s3_endpoint_url, settings.aws_region)
+    return client

@@ -218,3 +218,20 @@ def test_controlnets_live_under_the_byte_budget(tiny_model_store, tmp_path):
     job()
     models.refresh(next(iter(models.residency.keys("ram"))))
     assert len(models.residency.keys("ram")) == 2
+
+
+def test_unit_image_by_location_in_the_envelope(cn_server):
+    """A unit's image named by file:// inside the OUTPUT folder (an earlier job's detected map) works like base64."""
+    data = base64.b64decode(png_b64(4))
+    (cn_server.output / "shared").mkdir(parents=True, exist_ok=True)
+    (cn_server.output / "shared" / "pose.png").write_bytes(data)
+    uri = f"file://{cn_server.output.resolve()}/shared/pose.png"
+    by_b64 = images(run(cn_server, [unit(image=png_b64(4), save_detected_map=False)]))[0]
+    body = {"task": "txt2img", "payload": {**BASE, "alwayson_scripts": {"controlnet": {"args": [unit(image=uri, save_detected_map=False)]}}}}
+    r = httpx.post(cn_server.url + "/invocations", json=body, timeout=180)
+    assert np.array_equal(images(r)[0], by_b64)
+    params = json.loads((cn_server.output / r.json()["job_id"] / "params.json").read_text())
+    assert params["image_sources"] == {"payload.alwayson_scripts.controlnet.args[0].image": uri}
+    escape = {**body, "payload": {**body["payload"], "alwayson_scripts": {"controlnet": {"args": [unit(image="file:///etc/passwd")]}}}}
+    refused = httpx.post(cn_server.url + "/invocations", json=escape, timeout=60)
+    assert refused.status_code == 403 and "args[0].image" in refused.text

@@ -108,3 +108,22 @@ def test_explicit_model_locations(s3_server_proc, tiny_model_store):
     assert bad.status_code == 422 and "models.Lora[0]" in bad.text
     missing = post({"Stable-diffusion": [f"s3://{srv.bucket}/team/ckpt/nope.safetensors"]})
     assert missing.status_code == 404 and "models.Stable-diffusion[0]" in missing.text
+
+
+def test_send_an_earlier_jobs_image_by_its_s3_location(s3_server_proc):
+    """img2img from a previous job's output, named by URI (no base64 round trip through the client)."""
+    srv = s3_server_proc
+    first = httpx.post(srv.url + "/invocations", json={**SMALL, "override_settings": {"sd_model_checkpoint": "tiny-sd1"}}, timeout=120)
+    assert first.status_code == 200, first.text
+    uri = f"s3://{srv.bucket}/outputs/{first.json()['job_id']}/image-0.png"
+    body = {"task": "img2img", "payload": {**SMALL, "init_images": [uri], "denoising_strength": 0.5,
+                                           "override_settings": {"sd_model_checkpoint": "tiny-sd1"}}}
+    r = httpx.post(srv.url + "/invocations", json=body, timeout=120)
+    assert r.status_code == 200, r.text + srv.log_tail()
+    key = f"outputs/{r.json()['job_id']}/params.json"
+    params = json.loads(srv.client.get_object(Bucket=srv.bucket, Key=key)["Body"].read())
+    assert params["image_sources"] == {"payload.init_images[0]": uri}
+    assert params["request"]["init_images"][0].startswith("<")  # the recorded request holds a digest, not the image
+    outside = httpx.post(srv.url + "/invocations", json={**body, "payload": {**body["payload"], "init_images": [f"s3://{srv.bucket}/private/x.png"]}},
+                         timeout=60)
+    assert outside.status_code == 403 and "payload.init_images[0]" in outside.text
