@@ -24,6 +24,7 @@ from model_cache.atomic import write_bytes_atomic
 from model_cache.disk import DiskCache
 from model_cache.explicit import ExplicitModels
 from model_cache.integrity import check_safetensors
+from model_cache.memo import MetadataMemo
 from model_cache.refs import ModelRef, match_by_stem, not_found
 from model_cache.s3 import ObjectChanged, is_not_found, parse_s3_uri
 from model_cache.transfer import TransferConfig
@@ -51,6 +52,7 @@ class S3Store:
         disk: DiskCache | None = None,
         transfer: TransferConfig | None = None,
         allowed_prefixes: list[str] | tuple[str, ...] = (),
+        metadata_ttl: float = 0.0,
     ):
         bucket, prefix = parse_s3_uri(uri, field="model_store")
         if prefix and not prefix.endswith("/"):
@@ -68,6 +70,7 @@ class S3Store:
         # One thread fsyncs finished downloads in the background: the file is usable at once,
         # durable a little later (the disk tier removes what was not, at the next start).
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="disk-sync")
+        self.memo = MetadataMemo(metadata_ttl)  # listings and name lookups, reused for metadata_ttl seconds
         self._job = threading.local()  # per-thread: the running job's explicit locations (see explicit())
         self._adopt()
 
@@ -102,7 +105,7 @@ class S3Store:
     def list(self, kind: str) -> list[ModelRef]:
         """Every model object of ``kind`` with size and last-modified, sorted by name (with the running job's
         explicit locations of that kind). Keys no name could reach are skipped."""
-        refs = self._list(kind)
+        refs = list(self._list(kind))
         seen = {ref.location for ref in refs}
         for item in self._explicit().of_kind(kind):
             ref = self.resolve_uri(kind, item.uri, field=item.field)
@@ -112,6 +115,9 @@ class S3Store:
         return sorted(refs, key=lambda ref: ref.name)
 
     def _list(self, kind: str) -> list[ModelRef]:
+        return self.memo.get(("list", kind), lambda: self._list_now(kind))
+
+    def _list_now(self, kind: str) -> list[ModelRef]:
         base = self._kind_prefix(kind)
         refs: list[ModelRef] = []
         paginator = self.client.get_paginator("list_objects_v2")
@@ -138,12 +144,18 @@ class S3Store:
         return self._ref(kind, name, key, head["ContentLength"], head["LastModified"], head.get("ETag"), bucket)
 
     def resolve(self, kind: str, name: str, *, field: str = "name") -> ModelRef:
-        """Find the object ``name`` means (HEAD per candidate, then a stem search), or raise ModelNotFound."""
-        base = self._kind_prefix(kind)
+        """Find the object ``name`` means (HEAD per candidate, then a stem search), or raise ModelNotFound.
+
+        Found names are remembered for ``metadata_ttl`` seconds (:mod:`model_cache.memo`)."""
+        self._kind_prefix(kind)  # an unknown kind fails before anything else
         clean, _hash = names.clean_name(name, field=field)
         item = self._explicit().match(kind, clean)
         if item is not None:  # the request gave this model's location
             return self.resolve_uri(kind, item.uri, field=item.field)
+        return self.memo.get(("resolve", kind, clean), lambda: self._find(kind, clean, field))
+
+    def _find(self, kind: str, clean: str, field: str) -> ModelRef:
+        base = self._kind_prefix(kind)
         tried = names.candidates(kind, clean)
         for candidate in tried:
             ref = self._head(kind, candidate, self.bucket, base + candidate)
@@ -206,8 +218,8 @@ class S3Store:
         return self.disk.snapshot()
 
     def cache_stats(self) -> dict:
-        """The disk tier's counters and sizes (see :meth:`model_cache.disk.DiskCache.stats`)."""
-        return {"tier": "disk", "root": str(self.cache_dir), **self.disk.stats()}
+        """The disk tier's counters and sizes (see :meth:`model_cache.disk.DiskCache.stats`), and the metadata memo's."""
+        return {"tier": "disk", "root": str(self.cache_dir), **self.disk.stats(), "metadata": self.memo.stats()}
 
     def fetch(self, ref: ModelRef) -> Path:
         """Local path of ``ref``'s bytes; downloads at most once per object version, even from N threads.
@@ -228,8 +240,10 @@ class S3Store:
                 self.disk.miss(rel)
                 self._download(bucket, key, dest, ref)
             return dest
-        except BaseException:
+        except BaseException as exc:
             unpin()
+            if isinstance(exc, ModelNotFound):
+                self.memo.clear()  # it was deleted since we looked: forget what we remember
             raise
         finally:
             if not self.disk.in_scope():
@@ -243,6 +257,7 @@ class S3Store:
         except ObjectChanged:
             # Overwritten since resolve(): serve the current version, as a fresh resolve would.
             log.info("%s changed since it was resolved; fetching the current version", ref.location)
+            self.memo.clear()  # what we remember about the store is out of date
             current = self._head(ref.kind, ref.name, bucket, key)
             if current is None:
                 raise ModelNotFound(f"{ref.kind} model '{ref.name}' was deleted from {ref.location}") from None
@@ -313,22 +328,27 @@ class S3Store:
         they are listed on every fetch and re-downloaded when their etag changed. They
         are evicted together with their model (``files``).
         """
-        stem_key = key.rsplit(".", 1)[0]
         total = 0
+        for side_ref in self.memo.get(("sidecars", bucket, key), lambda: self._list_sidecars(kind, bucket, key)):
+            side = side_ref.name
+            dest = self.cache_path(bucket, side)
+            if not self._cached(bucket, side, dest, side_ref):
+                transfer.download(self.client, bucket, side, dest, side_ref.size, side_ref.etag, self.transfer)
+                self._write_meta(bucket, side, side_ref)
+            files += [f"{bucket}/{side}", self._meta_rel(bucket, side)]
+            total += side_ref.size
+        return total
+
+    def _list_sidecars(self, kind: str, bucket: str, key: str) -> list[ModelRef]:
+        stem_key = key.rsplit(".", 1)[0]
+        out = []
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket, Prefix=stem_key + "."):
             for obj in page.get("Contents", []):
                 side = obj["Key"]
-                if side != stem_key + ".yaml" and not side.startswith(stem_key + ".config/"):
-                    continue
-                side_ref = self._ref(kind, side, side, obj["Size"], obj["LastModified"], obj.get("ETag"), bucket)
-                dest = self.cache_path(bucket, side)
-                if not self._cached(bucket, side, dest, side_ref):
-                    transfer.download(self.client, bucket, side, dest, side_ref.size, side_ref.etag, self.transfer)
-                    self._write_meta(bucket, side, side_ref)
-                files += [f"{bucket}/{side}", self._meta_rel(bucket, side)]
-                total += side_ref.size
-        return total
+                if side == stem_key + ".yaml" or side.startswith(stem_key + ".config/"):
+                    out.append(self._ref(kind, side, side, obj["Size"], obj["LastModified"], obj.get("ETag"), bucket))
+        return out
 
     def _cached(self, bucket: str, key: str, dest: Path, ref: ModelRef) -> bool:
         try:

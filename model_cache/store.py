@@ -152,6 +152,7 @@ def open_store(
     min_free: int | None = None,
     transfer_config: TransferConfig | None = None,
     allowed_s3_prefixes: list[str] | tuple[str, ...] = (),
+    metadata_ttl: float = 0.0,
 ) -> ModelStore:
     """The store for ``uri``: ``s3://bucket/prefix/`` → :class:`S3Store`; a path or ``file://`` → :class:`LocalStore`.
 
@@ -162,7 +163,8 @@ def open_store(
     if uri.startswith("s3://"):
         disk = DiskCache(Path(cache_dir), budget=disk_budget, min_free=min_free)
         return S3Store(
-            uri, s3_client_factory(), cache_dir, disk=disk, transfer=transfer_config, allowed_prefixes=allowed_s3_prefixes
+            uri, s3_client_factory(), cache_dir, disk=disk, transfer=transfer_config, allowed_prefixes=allowed_s3_prefixes,
+            metadata_ttl=metadata_ttl,
         )
     if uri.startswith("file://"):
         uri = uri[len("file://"):]

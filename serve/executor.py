@@ -72,6 +72,7 @@ class Engine:
             min_free=settings.cache_min_free,
             transfer_config=TransferConfig(concurrency=settings.s3_concurrency, part_size=settings.s3_part_size, retries=settings.s3_retries),
             allowed_s3_prefixes=parse_prefixes(settings.allowed_s3_prefixes),
+            metadata_ttl=settings.model_list_ttl,
         )
         self.hashes = HashCache(Path(settings.cache_dir))
         self.active: Active | None = None

@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     s3_concurrency: int | None = Field(None, ge=1, le=64, description="Parallel ranged GETs per model download; unset = 4 per CPU core, 8 to 16.")
     s3_part_size: int = Field(64 * 1024 * 1024, ge=1024 * 1024, description="Largest ranged GET, e.g. '64MiB' (smaller objects are split so every stream gets a range).")
     s3_retries: int = Field(5, ge=0, le=20, description="Retries per part on transient S3 errors (connection drops, 5xx, throttling), with exponential backoff.")
+    model_list_ttl: float = Field(30.0, ge=0, le=3600, description="Seconds an S3 store's listings and name lookups are reused (0 = ask S3 every job); a name not found is always asked again.")
     allowed_s3_prefixes: str = Field("", description="Comma-separated s3://bucket/prefix/ locations models may be read from, besides MODEL_STORE's own prefix.")
 
     @field_validator("cache_ram_budget", "cache_vram_budget")
