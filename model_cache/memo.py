@@ -30,14 +30,15 @@ class MetadataMemo:
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: Hashable, compute: Callable[[], T]) -> T:
-        """``compute()``'s answer, reused for ``ttl`` seconds. ``compute`` may raise (nothing is kept then)."""
+    def get(self, key: Hashable, compute: Callable[[], T], *, fresh: bool = False) -> T:
+        """``compute()``'s answer, reused for ``ttl`` seconds (``fresh``: ask again and keep the new answer).
+        ``compute`` may raise (nothing is kept then)."""
         if self.ttl <= 0:
             return compute()
         now = self._clock()
         with self._lock:
             hit = self._items.get(key)
-            if hit is not None and now - hit[0] < self.ttl:
+            if hit is not None and not fresh and now - hit[0] < self.ttl:
                 self.hits += 1
                 return hit[1]
             self.misses += 1

@@ -102,10 +102,10 @@ class S3Store:
     def _explicit(self) -> ExplicitModels:
         return getattr(self._job, "models", None) or ExplicitModels()
 
-    def list(self, kind: str) -> list[ModelRef]:
+    def list(self, kind: str, *, fresh: bool = False) -> list[ModelRef]:
         """Every model object of ``kind`` with size and last-modified, sorted by name (with the running job's
-        explicit locations of that kind). Keys no name could reach are skipped."""
-        refs = list(self._list(kind))
+        explicit locations of that kind). Keys no name could reach are skipped. ``fresh``: not from the memo."""
+        refs = list(self._list(kind, fresh=fresh))
         seen = {ref.location for ref in refs}
         for item in self._explicit().of_kind(kind):
             ref = self.resolve_uri(kind, item.uri, field=item.field)
@@ -114,8 +114,8 @@ class S3Store:
                 seen.add(ref.location)
         return sorted(refs, key=lambda ref: ref.name)
 
-    def _list(self, kind: str) -> list[ModelRef]:
-        return self.memo.get(("list", kind), lambda: self._list_now(kind))
+    def _list(self, kind: str, *, fresh: bool = False) -> list[ModelRef]:
+        return self.memo.get(("list", kind), lambda: self._list_now(kind), fresh=fresh)
 
     def _list_now(self, kind: str) -> list[ModelRef]:
         base = self._kind_prefix(kind)

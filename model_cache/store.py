@@ -58,8 +58,9 @@ class LocalStore:
     def _ref(self, kind: str, name: str, path: Path, stat: os.stat_result) -> ModelRef:
         return ModelRef(kind=kind, name=name, location=str(path), size=stat.st_size, modified=stat.st_mtime)
 
-    def list(self, kind: str) -> list[ModelRef]:
-        """Every model file of ``kind``, sorted by name; hidden files (downloads in progress) skipped."""
+    def list(self, kind: str, *, fresh: bool = False) -> list[ModelRef]:
+        """Every model file of ``kind``, sorted by name; hidden files (downloads in progress) skipped.
+        (Always read from the folder: ``fresh`` is for the S3 store's memo.)"""
         base = self._kind_dir(kind)
         refs: list[ModelRef] = []
         seen_dirs: set[tuple[int, int]] = set()  # followlinks=True can loop on a cyclic symlink

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import ModelNotFound
 from pipelines.params import Txt2ImgParams
 from pipelines.prompt import extract_networks, hypernet_specs, lora_specs
 
@@ -100,8 +101,10 @@ class ExtraNetworks:
         out.infotext.update(textual_inversion.infotext_params([(s.token, s.sha256) for s in specs]))
         out.records["embeddings"] = [{"name": s.token, "sha256": s.sha256} for s in specs]
 
-        available = [ref.name for ref in self.store.list("VAE")]
-        choice = choose_vae(params.sd_vae, self.checkpoint_stem, available)
+        try:
+            choice = choose_vae(params.sd_vae, self.checkpoint_stem, [ref.name for ref in self.store.list("VAE")])
+        except ModelNotFound:  # a listing remembered from before the VAE was uploaded? ask the store once more
+            choice = choose_vae(params.sd_vae, self.checkpoint_stem, [ref.name for ref in self.store.list("VAE", fresh=True)])
         if choice is None:
             self.vae.apply(None)
             out.records["vae"] = None

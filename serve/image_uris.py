@@ -21,7 +21,7 @@ from typing import Any
 
 from model_cache.access import S3AllowList, parse_prefixes
 from pipelines.errors import Forbidden, InvalidParameter, SourceUnavailable
-from serve.img2img import _image_pixel_limit
+from serve.img2img import image_pixel_limit
 from serve.settings import Settings
 
 _SCHEMES = ("s3://", "file://")
@@ -59,7 +59,7 @@ def image_slots(payload: dict) -> list[tuple[Any, Any, str]]:
 
 def byte_limit(settings: Settings) -> int:
     """The largest image file we read: 4 bytes a pixel at the pixel limit, plus headroom for headers."""
-    return _image_pixel_limit(settings) * 4 + (1 << 20)
+    return image_pixel_limit(settings) * 4 + (1 << 20)
 
 
 def s3_fence(settings: Settings) -> S3AllowList:

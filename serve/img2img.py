@@ -34,7 +34,7 @@ def resolve_img2img(p: Img2ImgPayload, base: Txt2ImgParams, settings: Settings, 
         raise InvalidParameter(
             f"{prefix}init_images: {len(images)} images sent; one init image per request is supported", field=f"{prefix}init_images"
         )
-    max_pixels = _image_pixel_limit(settings)
+    max_pixels = image_pixel_limit(settings)
     init = decode_image_b64(images[0], field=f"{prefix}init_images[0]", max_pixels=max_pixels)
     resize_mode = resize_mode_index(p.resize_mode, field=f"{prefix}resize_mode")
     if resize_mode == 3 and (init.width % 8 or init.height % 8):
@@ -76,6 +76,6 @@ def resolve_img2img(p: Img2ImgPayload, base: Txt2ImgParams, settings: Settings, 
     )
 
 
-def _image_pixel_limit(settings: Settings) -> int:
+def image_pixel_limit(settings: Settings) -> int:
     """Request images may be larger than what we generate (they are resized), within reason."""
     return max(settings.max_pixels * 4, settings.max_side * settings.max_side)

@@ -132,10 +132,10 @@ def model_allow_list(settings: Settings) -> S3AllowList | None:
 def _controlnet_units(p: Txt2ImgPayload, settings: Settings, prefix: str, warnings: list[str], *, has_init_image: bool) -> list:
     """``alwayson_scripts.controlnet.args`` parsed and checked here, so a bad unit is a 422 before queueing."""
     from pipelines.control_units import parse_units
-    from serve.img2img import _image_pixel_limit
+    from serve.img2img import image_pixel_limit
 
     scripts = {name.lower(): args for name, args in (p.alwayson_scripts or {}).items()}
-    return parse_units(scripts.get("controlnet"), max_units=settings.max_controlnet_units, max_pixels=_image_pixel_limit(settings),
+    return parse_units(scripts.get("controlnet"), max_units=settings.max_controlnet_units, max_pixels=image_pixel_limit(settings),
                        has_init_image=has_init_image, warnings=warnings, prefix=prefix)
 
 

@@ -93,3 +93,17 @@ def test_a_deleted_object_clears_the_memo(tier, s3_client):  # noqa: F811
         store.fetch(ref)
     with pytest.raises(ModelNotFound):
         store.resolve("Lora", "gone")  # asked again, not answered from memory
+
+
+def test_fresh_listing_sees_what_was_uploaded_within_the_ttl(tier):  # noqa: F811
+    """What the worker does when a named VAE is not in a remembered listing: list once more, remember that."""
+    from pipelines.vae import choose_vae
+
+    store = tier.store(metadata_ttl=30)
+    assert store.list("VAE") == []
+    tier.put("VAE", "new.vae.safetensors", st(b"vae"))
+    with pytest.raises(ModelNotFound):
+        choose_vae("new.vae.safetensors", "ckpt", [r.name for r in store.list("VAE")])
+    assert choose_vae("new.vae.safetensors", "ckpt", [r.name for r in store.list("VAE", fresh=True)]) == "new.vae.safetensors"
+    tier.client.calls.clear()
+    assert [r.name for r in store.list("VAE")] == ["new.vae.safetensors"] and tier.client.calls == []
