@@ -181,8 +181,6 @@ def prepare_for_job(engine, job, active, prepared) -> PreparedControl:
 
     Builds ``engine.controlnets`` on first use. Jobs without units cost nothing.
     """
-    if getattr(engine, "controlnets", None) is not None:
-        engine.controlnets.release()  # the previous job's models may be evicted now
     units = list(getattr(job, "controlnet_units", None) or [])
     if not units:
         return PreparedControl()

@@ -225,6 +225,8 @@ class Engine:
         if self._pinned is not None:  # the previous job is over: its checkpoint may be evicted now
             cache.release(self._pinned)
             self._pinned = None
+        if self.controlnets is not None:  # and its ControlNets, before this job's checkpoint needs the room
+            self.controlnets.release()
         stem = Path(ref.name).stem
         active, event = cache.acquire(key, lambda: self._load(ref, path, key, stem), estimate=estimate_bytes(path, self.dtype), label=stem)
         self._pinned = key
