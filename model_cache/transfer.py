@@ -11,7 +11,7 @@ checks nothing but the length. Here:
   versions together (it raises :class:`ObjectChanged`);
 * transient failures (connection drops, timeouts, 5xx, throttling) retry with exponential
   backoff and jitter, resuming the range where it stopped; at most ``retries`` times per part;
-* integrity: the byte count always; for a single-part ETag (a plain MD5) the MD5 of the file
+* integrity (:mod:`model_cache.download_checks`): the byte count always; for a single-part ETag (a plain MD5) the MD5 of the file
   is computed while the parts land, by a thread that follows the contiguous written prefix;
   a multipart ETag (``<md5-of-md5s>-<parts>``) cannot be checked without the upload's part
   sizes, so then the size and the part count (``HEAD ?partNumber=1`` → ``PartsCount``) are;
@@ -23,11 +23,9 @@ checks nothing but the length. Here:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
-import re
 import tempfile
 import threading
 import time
@@ -45,6 +43,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
+from model_cache.download_checks import Md5Follower, check_mode, check_parts
 from model_cache.s3 import IncompleteDownload, ObjectChanged, is_not_found
 from pipelines.errors import GenerationFailed, ModelNotFound
 
@@ -56,8 +55,6 @@ log = logging.getLogger(__name__)
 # the page cache dominated the profile).
 _BUFFER = 128 * 1024
 _MIN_SPLIT = 8 * 1024 * 1024  # never cut ranges smaller than this just to feed more streams
-_MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
-_MULTIPART_ETAG = re.compile(r"^[0-9a-f]{32}-(?P<parts>\d+)$")
 _TRANSIENT_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout",
     "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed",
@@ -120,57 +117,6 @@ def is_transient(exc: BaseException) -> bool:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         return status >= 500 or status == 429 or code in _TRANSIENT_CODES
     return isinstance(exc, _TRANSIENT_ERRORS)
-
-
-def _check_mode(etag: str | None) -> str:
-    """Which integrity check the ETag allows (SSE-KMS/SSE-C objects are downgraded once a GET shows it)."""
-    if not etag:
-        return "size"
-    if _MD5_ETAG.match(etag):
-        return "md5"
-    if _MULTIPART_ETAG.match(etag):
-        return "size+parts"
-    return "size"
-
-
-class _Md5Follower:
-    """Hashes the file in order as contiguous parts complete (parts finish out of order)."""
-
-    def __init__(self, fd: int, ranges: list[tuple[int, int]]):
-        self._fd, self._ranges = fd, ranges
-        self._done = [False] * len(ranges)
-        self._cond = threading.Condition()
-        self._failed = False
-        self.digest = hashlib.md5()
-
-    def part_done(self, index: int) -> None:
-        with self._cond:
-            self._done[index] = True
-            self._cond.notify()
-
-    def fail(self) -> None:
-        with self._cond:
-            self._failed = True
-            self._cond.notify()
-
-    def run(self) -> str | None:
-        """Hash every part in order; ``None`` if the transfer failed first."""
-        buffer = bytearray(_BUFFER * 4)
-        view = memoryview(buffer)
-        for index, (start, end) in enumerate(self._ranges):
-            with self._cond:
-                while not (self._done[index] or self._failed):
-                    self._cond.wait()
-                if self._failed:
-                    return None
-            offset = start
-            while offset <= end:
-                count = os.preadv(self._fd, [view[: min(len(buffer), end + 1 - offset)]], offset)
-                if count <= 0:
-                    raise IncompleteDownload(f"short read while hashing at offset {offset}")
-                self.digest.update(view[:count])  # hashlib releases the GIL for large buffers
-                offset += count
-        return self.digest.hexdigest()
 
 
 class _Download:
@@ -303,25 +249,6 @@ class _Aborted(Exception):
     """Another part failed; this one stops early (never surfaces to callers)."""
 
 
-def _check_parts(client, job: _Download, etag: str) -> None:
-    """A multipart ETag (``<md5 of part md5s>-<N>``) cannot be checked against the bytes without the
-    upload's part layout; check what can be: N is plausible for the size, and the object really has N parts."""
-    parts = int(_MULTIPART_ETAG.match(etag).group("parts"))
-    # S3 parts are ≥ 1 byte and ≤ 5 GiB, at most 10,000 of them: a count outside that is not this object.
-    if not (1 <= parts <= 10000 and parts <= max(job.size, 1) and job.size <= parts * 5 * 1024**3):
-        raise IncompleteDownload(f"{job.uri}: {job.size} bytes cannot be {parts} multipart parts (ETag {etag})")
-    try:
-        head = client.head_object(Bucket=job.bucket, Key=job.key, PartNumber=1, IfMatch=f'"{etag}"')
-    except ClientError as exc:  # servers without PartNumber support: the size check stands alone
-        log.debug("%s: no part count available (%s)", job.uri, exc)
-        return
-    count, first = head.get("PartsCount"), head.get("ContentLength")
-    if count is not None and int(count) != parts:
-        raise IncompleteDownload(f"{job.uri}: the object has {count} parts, its ETag {etag} says {parts}")
-    if first is not None and not (0 < int(first) <= job.size):
-        raise IncompleteDownload(f"{job.uri}: first part of {first} bytes does not fit a {job.size}-byte object")
-
-
 def _presize(fd: int, size: int) -> None:
     """Set the final length up front (sparse), so every range can ``pwrite`` at its offset.
 
@@ -352,7 +279,7 @@ def download(
     started = time.perf_counter()
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    mode = _check_mode(etag)
+    mode = check_mode(etag)
     streams = int(config.concurrency or default_concurrency())
     # Big ranges cost fewer requests (measured: 64 MiB beat 16 MiB by ~30 % on a 2 GiB object),
     # but an object must still be cut into at least one range per stream.
@@ -363,7 +290,7 @@ def download(
     try:
         if size:
             _presize(fd, size)
-        follower = _Md5Follower(fd, ranges) if mode == "md5" else None
+        follower = Md5Follower(fd, ranges, buffer_size=_BUFFER * 4) if mode == "md5" else None
         workers = max(1, min(streams, len(ranges)))
         with ThreadPoolExecutor(max_workers=workers + (1 if follower else 0), thread_name_prefix="s3-part") as pool:
             md5_future = pool.submit(follower.run) if follower else None
@@ -398,7 +325,7 @@ def download(
         if mode == "md5" and md5 != etag:
             raise IncompleteDownload(f"{job.uri}: MD5 {md5} of the downloaded bytes does not match the ETag {etag}")
         if mode == "size+parts":
-            _check_parts(client, job, etag)
+            check_parts(client, job.bucket, job.key, job.size, etag)
         if config.fsync:
             os.fsync(fd)
         os.close(fd)
