@@ -74,13 +74,19 @@ def _local_root(settings: Settings) -> Path | None:
     return Path(os.path.realpath(out[len("file://"):] if out.startswith("file://") else out))
 
 
-def _read_file(uri: str, settings: Settings, field: str, limit: int) -> bytes:
+def _check_file(uri: str, settings: Settings, field: str) -> Path:
+    """The real path of a ``file://`` image, when it lies inside a local OUTPUT folder (no read)."""
     root = _local_root(settings)
     if root is None:
         raise Forbidden(f"{field}: file:// images need a local OUTPUT folder to read from (got {uri})", field=field)
     path = Path(os.path.realpath(uri[len("file://"):]))  # symlinks resolved: the real file must be inside
     if not uri[len("file://"):].startswith("/") or not path.is_relative_to(root):
         raise Forbidden(f"{field}: {uri} is outside the OUTPUT folder {root}", field=field)
+    return path
+
+
+def _read_file(uri: str, settings: Settings, field: str, limit: int) -> bytes:
+    path = _check_file(uri, settings, field)
     try:
         size = path.stat().st_size
         if size > limit:
@@ -125,10 +131,12 @@ def inline_image_uris(body: dict, settings: Settings, client_factory) -> dict[st
         return {}
     slots = image_slots(payload)
     fence = s3_fence(settings)
-    for container, key, where in slots:  # all checks before any I/O
+    for container, key, where in slots:  # every location checked before the first read
         uri = container[key]
         if uri.startswith("s3://"):
             fence.check(uri, field=f"payload.{where}")
+        else:
+            _check_file(uri, settings, f"payload.{where}")
     limit, sources = byte_limit(settings), {}
     for container, key, where in slots:
         uri, field = container[key], f"payload.{where}"

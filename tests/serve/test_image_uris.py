@@ -90,6 +90,10 @@ def test_s3_uris_are_fenced_before_any_read(settings, s3_client, s3_bucket):
         inline_image_uris(body, on_s3, client_factory=lambda: counting)
     assert info.value.field == "payload.alwayson_scripts.controlnet.args[1].image" and "ALLOWED_S3_PREFIXES" in info.value.message
     assert counting.calls == []  # refused before the first read
+    body["payload"]["alwayson_scripts"]["controlnet"]["args"][1]["image"] = "file:///etc/passwd"
+    with pytest.raises(Forbidden):
+        inline_image_uris(body, on_s3, client_factory=lambda: counting)  # file:// needs a local OUTPUT
+    assert counting.calls == []
     body["payload"]["alwayson_scripts"]["controlnet"]["args"].pop()
     sources = inline_image_uris(body, on_s3, client_factory=lambda: counting)
     assert list(sources) == ["payload.init_images[0]", "payload.alwayson_scripts.controlnet.args[0].image"]
