@@ -4,7 +4,7 @@ Why not ``boto3``'s ``download_file``: it does not pin the object version across
 checks nothing but the length. Here:
 
 * the object is cut into ``part_size`` ranges fetched by ``concurrency`` threads, each
-  reading the socket straight into one reused 128 KiB buffer (``readinto``) and ``pwrite``-ing
+  reading the socket straight into one reused 64 KiB buffer (``readinto``) and ``pwrite``-ing
   it at its offset (one writer at a time) — no full-file (or even full-part) copy in memory; connections go back
   to the pool after each range;
 * every GET carries ``If-Match: <etag>``, so a concurrent overwrite cannot splice two
@@ -50,10 +50,10 @@ from pipelines.errors import GenerationFailed, ModelNotFound
 log = logging.getLogger(__name__)
 
 # Per-thread read buffer. Small enough that the bytes recv just wrote are still in the CPU cache
-# when pwrite copies them into the page cache: measured on a 2-core VM, a 2 GiB download took
-# 2.2 s with 128 KiB, 2.5 s with 64 KiB, 3.0 s with 256 KiB and 6 s with 1 MiB (the copy into
-# the page cache dominated the profile).
-_BUFFER = 128 * 1024
+# when pwrite copies them into the page cache: with 1 MiB buffers that copy dominated the profile
+# and a 2 GiB download took ~5.5 s on a 2-core VM; 64 KiB gave 2.4–2.7 s, 128 KiB 2.5–3.8 s
+# (interleaved A/B runs, s5cmd 2.75–2.95 s on the same object).
+_BUFFER = 64 * 1024
 _MIN_SPLIT = 8 * 1024 * 1024  # never cut ranges smaller than this just to feed more streams
 _TRANSIENT_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout",
