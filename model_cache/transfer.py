@@ -3,10 +3,11 @@
 Why not ``boto3``'s ``download_file``: it does not pin the object version across parts and
 checks nothing but the length. Here:
 
-* the object is cut into ``part_size`` ranges fetched by ``concurrency`` threads, each
-  reading the socket straight into one reused 64 KiB buffer (``readinto``) and ``pwrite``-ing
-  it at its offset (one writer at a time) — no full-file (or even full-part) copy in memory; connections go back
-  to the pool after each range;
+* the object is cut into ``part_size`` ranges, ``concurrency`` of them in flight: threads send
+  the GETs, and one thread (:mod:`model_cache.stream_pump`) reads every body from its socket
+  into one reused 128 KiB buffer and ``pwrite``-s it at its offset — no full-file (or even
+  full-part) copy in memory, no GIL hand-off per chunk; connections go back to the pool
+  after each range;
 * every GET carries ``If-Match: <etag>``, so a concurrent overwrite cannot splice two
   versions together (it raises :class:`ObjectChanged`);
 * transient failures (connection drops, timeouts, 5xx, throttling) retry with exponential
@@ -26,10 +27,11 @@ from __future__ import annotations
 import logging
 import os
 import random
+import ssl
 import tempfile
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,18 +44,15 @@ from botocore.exceptions import (
     ReadTimeoutError,
     ResponseStreamingError,
 )
+_NOT_TRANSIENT = (ssl.SSLCertVerificationError,)  # an SSLError (a TLS stream cut mid-record is one), but never worth retrying
 
 from model_cache.download_checks import Md5Follower, check_mode, check_parts
 from model_cache.s3 import IncompleteDownload, ObjectChanged, is_not_found
+from model_cache.stream_pump import BUFFER_SIZE, Part, Pump, SocketBody
 from pipelines.errors import GenerationFailed, ModelNotFound
 
 log = logging.getLogger(__name__)
 
-# Per-thread read buffer. Small enough that the bytes recv just wrote are still in the CPU cache
-# when pwrite copies them into the page cache: with 1 MiB buffers that copy dominated the profile
-# and a 2 GiB download took ~5.5 s on a 2-core VM; 64 KiB gave 2.4–2.7 s, 128 KiB 2.5–3.8 s
-# (interleaved A/B runs, s5cmd 2.75–2.95 s on the same object).
-_BUFFER = 64 * 1024
 _MIN_SPLIT = 8 * 1024 * 1024  # never cut ranges smaller than this just to feed more streams
 _TRANSIENT_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout",
@@ -74,10 +73,9 @@ _TRANSIENT_ERRORS = (
 def default_concurrency() -> int:
     """Four streams per CPU core, 8 to 16.
 
-    One S3 connection carries ~100 MB/s, so a big instance needs many to fill its network;
-    each stream is also a Python thread whose every ``recv`` needs the GIL back, so past a
-    point more threads only add contention (on 2 busy cores, 8 × 64 MiB ranges beat both
-    4 × 64 MiB and 8 × 16 MiB on a 2 GiB object).
+    One S3 connection carries ~100 MB/s, so a big instance needs many to fill its network.
+    Streams are cheap (sockets in one selector, not reading threads): on 2 cores 4, 8 and 16
+    streams measured within noise of each other on a 2 GiB object.
     """
     return max(8, min(16, 4 * (os.cpu_count() or 2)))
 
@@ -116,11 +114,13 @@ def is_transient(exc: BaseException) -> bool:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         code = str(exc.response.get("Error", {}).get("Code", ""))
         return status >= 500 or status == 429 or code in _TRANSIENT_CODES
-    return isinstance(exc, _TRANSIENT_ERRORS)
+    if isinstance(exc, _NOT_TRANSIENT):
+        return False
+    return isinstance(exc, (*_TRANSIENT_ERRORS, ssl.SSLError))
 
 
 class _Download:
-    """One object's transfer: shared state of the part workers."""
+    """One object's transfer: what the opener threads and the pump thread share."""
 
     def __init__(self, client, bucket: str, key: str, etag: str | None, size: int, fd: int, config: TransferConfig):
         self.client, self.bucket, self.key, self.etag, self.fd, self.config = client, bucket, key, etag, fd, config
@@ -128,9 +128,7 @@ class _Download:
         self.etag_not_md5 = False  # SSE-KMS / SSE-C: the ETag is not the MD5 of the bytes
         self.uri = f"s3://{bucket}/{key}"
         self.abort = threading.Event()
-        self.retries = 0
-        self._lock = threading.Lock()
-        self.write_lock = threading.Lock()  # see _stream: one writer at a time
+        self.retries = 0  # counted by the pump thread only
 
     def _get(self, start: int, end: int):
         kwargs = {"Bucket": self.bucket, "Key": self.key, "Range": f"bytes={start}-{end}"}
@@ -148,93 +146,80 @@ class _Download:
                 raise IncompleteDownload(f"{self.uri} is shorter than the expected {self.size} bytes") from exc
             raise
 
-    def _stream(self, pos: list[int], end: int, buffer: bytearray) -> None:
-        """GET ``[pos[0], end]`` once, writing what arrives and advancing ``pos[0]`` (kept even when this raises)."""
-        response = self._get(pos[0], end)
-        body = response["Body"]
-        if response.get("ServerSideEncryption", "").startswith("aws:kms") or response.get("SSECustomerAlgorithm"):
-            self.etag_not_md5 = True
-        total = _content_range_total(response.get("ContentRange"))
-        if total is not None and total != self.size:
-            body.close()
-            raise IncompleteDownload(f"{self.uri} has {total} bytes, expected {self.size}")
-        view = memoryview(buffer)
-        readinto = _direct_readinto(body, response)
+    def open(self, part: Part, delay: float, pump: Pump) -> None:
+        """(In an opener thread) wait ``delay``, GET the rest of ``part``, hand the stream to the pump.
+
+        A body the pump cannot read directly is read here instead. Every outcome is posted to the pump."""
         try:
-            while pos[0] <= end:
+            if delay and self.abort.wait(delay):
+                return
+            if self.abort.is_set():
+                return
+            response = self._get(part.pos, part.end)
+            body = response["Body"]
+            if response.get("ServerSideEncryption", "").startswith("aws:kms") or response.get("SSECustomerAlgorithm"):
+                self.etag_not_md5 = True
+            total = _content_range_total(response.get("ContentRange"))
+            if total is not None and total != self.size:
+                body.close()
+                raise IncompleteDownload(f"{self.uri} has {total} bytes, expected {self.size}")
+            direct = SocketBody.of(body, response)
+            if direct is None:
+                self._read_here(part, body)
+                pump.post("done", part)
+                return
+            try:
+                head = direct.buffered(part.left)
+                _write(self.fd, head, part.pos)
+                part.pos += len(head)
+            except BaseException:
+                direct.discard()
+                raise
+            if part.left <= 0:
+                direct.finish()
+                pump.post("done", part)
+            else:
+                pump.post("open", part, direct)
+        except Exception as exc:  # noqa: BLE001 — every failure goes to the pump thread, which decides
+            pump.post("error", part, exc)
+
+    def _read_here(self, part: Part, body) -> None:
+        """The plain path for bodies without a reachable socket: blocking reads in this thread."""
+        view = memoryview(bytearray(BUFFER_SIZE))
+        try:
+            while part.left > 0:
                 if self.abort.is_set():
                     raise _Aborted()
-                count = readinto(view[: min(len(buffer), end + 1 - pos[0])])
+                count = body.readinto(view[: min(len(view), part.left)])
                 if not count:
-                    break
-                written = 0
-                # One writer at a time: concurrent pwrites to one file contend on the inode lock in the
-                # kernel, where waiters spin (measured: a fifth of the CPU); a Python lock makes them sleep.
-                with self.write_lock:
-                    while written < count:  # pwrite may write less than asked (signals, quotas)
-                        written += os.pwrite(self.fd, view[written:count], pos[0] + written)
-                pos[0] += count
-        except BaseException:
-            body.close()  # a half-read connection cannot be reused
-            raise
-        _release(body, readinto)
+                    raise IncompleteReadError(actual_bytes=part.pos - part.start, expected_bytes=part.end + 1 - part.start)
+                _write(self.fd, view[:count], part.pos)
+                part.pos += count
+        finally:
+            body.close()
 
-    def fetch_part(self, start: int, end: int) -> None:
-        """Fetch ``[start, end]`` (inclusive), resuming after transient errors, ≤ ``retries`` retries."""
-        buffer = bytearray(_BUFFER)
-        pos, attempt = [start], 0
-        while True:
-            try:
-                self._stream(pos, end, buffer)
-                if pos[0] > end:
-                    return
-                raise IncompleteReadError(actual_bytes=pos[0] - start, expected_bytes=end + 1 - start)
-            except _Aborted:
-                raise
-            except Exception as exc:
-                if not is_transient(exc) or attempt >= self.config.retries or self.abort.is_set():
-                    if is_transient(exc):
-                        raise TransferFailed(
-                            f"could not download {self.uri}: {type(exc).__name__}: {exc} "
-                            f"(gave up after {attempt + 1} attempts on bytes {pos[0]}-{end})"
-                        ) from exc
-                    raise
-                attempt += 1
-                with self._lock:
-                    self.retries += 1
-                delay = random.uniform(0, min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1)))
-                log.warning("%s bytes %d-%d: %s; retry %d/%d in %.2f s", self.uri, pos[0], end, exc, attempt, self.config.retries, delay)
-                if self.abort.wait(delay):
-                    raise _Aborted() from None
+    def failed(self, part: Part, exc: BaseException) -> float:
+        """A stream of ``part`` failed: the backoff before resuming it, or raise when that is not worth it."""
+        if isinstance(exc, _Aborted):
+            raise exc
+        if not is_transient(exc) or part.attempt >= self.config.retries or self.abort.is_set():
+            if is_transient(exc):
+                raise TransferFailed(
+                    f"could not download {self.uri}: {type(exc).__name__}: {exc} "
+                    f"(gave up after {part.attempt + 1} attempts on bytes {part.pos}-{part.end})"
+                ) from exc
+            raise exc
+        part.attempt += 1
+        self.retries += 1
+        delay = random.uniform(0, min(self.config.backoff_max, self.config.backoff_base * 2 ** (part.attempt - 1)))
+        log.warning("%s bytes %d-%d: %s; retry %d/%d in %.2f s", self.uri, part.pos, part.end, exc, part.attempt, self.config.retries, delay)
+        return delay
 
 
-def _direct_readinto(body, response: dict):
-    """The fastest ``readinto`` for a GetObject body: socket → our buffer in one copy.
-
-    botocore's ``StreamingBody.readinto`` goes through urllib3, whose ``readinto`` is
-    ``read()`` + copy: two extra copies and a fresh bytes object per call, which on a 2-core
-    machine costs a third of the throughput. The body is undecoded bytes with a
-    Content-Length either way (botocore never asks urllib3 to decode), so reading the
-    underlying ``http.client`` response directly yields the same bytes; a short body shows as
-    ``0`` early and is retried like any dropped connection. Falls back to the public path
-    when the internals are not what we expect (another HTTP stack, a wrapped body in tests).
-    """
-    raw = getattr(getattr(body, "_raw_stream", None), "_fp", None)
-    encoded = (response.get("ContentEncoding") or "identity").lower() not in ("", "identity")
-    if raw is None or encoded or not callable(getattr(raw, "readinto", None)):
-        return body.readinto
-    return raw.readinto
-
-
-def _release(body, readinto) -> None:
-    """Give a fully read connection back to the pool (closing it would cost a TCP+TLS handshake per part)."""
-    raw = getattr(body, "_raw_stream", None)
-    if raw is not None and readinto is not body.readinto and callable(getattr(raw, "release_conn", None)):
-        fp = getattr(raw, "_fp", None)
-        if fp is None or getattr(fp, "isclosed", lambda: False)():  # http.client saw the whole body
-            raw.release_conn()
-            return
-    body.close()
+def _write(fd: int, data, offset: int) -> None:
+    view, written = memoryview(data), 0
+    while written < len(view):  # pwrite may write less than asked (signals, quotas)
+        written += os.pwrite(fd, view[written:], offset + written)
 
 
 def _content_range_total(header: str | None) -> int | None:
@@ -257,6 +242,46 @@ def _presize(fd: int, size: int) -> None:
     checked before the download by the disk tier's free-space floor instead.
     """
     os.ftruncate(fd, size)
+
+
+def _run_parts(job: _Download, parts: list[Part], streams: int, follower: Md5Follower | None) -> str | None:
+    """Fetch every part: ``streams`` at a time, opened by threads, read by this thread's pump."""
+    config, waiting = job.config, list(reversed(parts))
+    pump = Pump(job.fd)
+    openers = ThreadPoolExecutor(max_workers=max(1, min(streams, len(parts))), thread_name_prefix="s3-open")
+    side = ThreadPoolExecutor(max_workers=2, thread_name_prefix="s3-side")  # the MD5 follower, fdatasyncs
+    md5_future = side.submit(follower.run) if follower else None
+    syncs = []
+    try:
+        for _ in range(min(streams, len(waiting))):
+            openers.submit(job.open, waiting.pop(), 0.0, pump)
+        left = len(parts)
+        while left:
+            for kind, part, payload in pump.step():
+                if kind == "error":
+                    openers.submit(job.open, part, job.failed(part, payload), pump)
+                    continue
+                left -= 1
+                if config.fsync and config.sync_parts:  # writeback overlaps the transfer instead of all landing in the final fsync
+                    syncs.append(side.submit(getattr(os, "fdatasync", os.fsync), job.fd))  # macOS has no fdatasync
+                if follower:
+                    follower.part_done(part.index)
+                if waiting:
+                    openers.submit(job.open, waiting.pop(), 0.0, pump)
+            if md5_future is not None and md5_future.done() and md5_future.exception() is not None:
+                raise md5_future.exception()
+        for sync in syncs:
+            sync.result()
+        return md5_future.result() if md5_future else None
+    except BaseException:
+        job.abort.set()  # openers stop before their next request; queued ones are cancelled
+        if follower:
+            follower.fail()
+        raise
+    finally:
+        pump.close()
+        openers.shutdown(wait=True, cancel_futures=True)
+        side.shutdown(wait=True, cancel_futures=True)
 
 
 def download(
@@ -290,33 +315,8 @@ def download(
     try:
         if size:
             _presize(fd, size)
-        follower = Md5Follower(fd, ranges, buffer_size=_BUFFER * 4) if mode == "md5" else None
-        workers = max(1, min(streams, len(ranges)))
-        with ThreadPoolExecutor(max_workers=workers + (1 if follower else 0), thread_name_prefix="s3-part") as pool:
-            md5_future = pool.submit(follower.run) if follower else None
-
-            def one(index: int, start: int, end: int) -> None:
-                job.fetch_part(start, end)
-                if config.fsync and config.sync_parts:
-                    # Writeback overlaps the transfer instead of all landing in the final fsync.
-                    getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
-                if follower:
-                    follower.part_done(index)
-
-            futures = [pool.submit(one, i, s, e) for i, (s, e) in enumerate(ranges)]
-            try:
-                done, _pending = wait(futures, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    if future.exception() is not None:
-                        raise future.exception()
-            except BaseException:
-                job.abort.set()  # running parts stop at their next chunk; queued ones are cancelled
-                for future in futures:
-                    future.cancel()
-                if follower:
-                    follower.fail()
-                raise
-            md5 = md5_future.result() if md5_future else None
+        follower = Md5Follower(fd, ranges, buffer_size=4 * BUFFER_SIZE) if mode == "md5" else None
+        md5 = _run_parts(job, [Part(i, s, e, s) for i, (s, e) in enumerate(ranges)], streams, follower)
         on_disk = os.fstat(fd).st_size
         if on_disk != size:
             raise IncompleteDownload(f"{job.uri}: {on_disk} bytes on disk, expected {size}")

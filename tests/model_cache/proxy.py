@@ -1,28 +1,46 @@
-"""A TCP proxy in front of the test S3 server that "dies" after N response bytes.
+"""A TCP proxy in front of the test S3 server that misbehaves on purpose.
 
-After ``cut_after`` bytes have flowed back to clients (all connections together), the
-proxy resets every connection and stops listening: from then on the S3 endpoint refuses
-connections, as a crashed server would. It also counts the requests it saw, so a test can
-assert how many GETs a retry policy made.
+* ``cut_after``: after that many response bytes (all connections together) the proxy resets
+  every connection and stops listening: from then on the S3 endpoint refuses connections,
+  as a crashed server would.
+* ``faults``: per connection (numbered in accept order from 0), ``("reset", n)`` resets it
+  after ``n`` response bytes; ``("freeze", n)`` stops forwarding after ``n`` bytes and keeps
+  the connection open (a stalled peer). The server stays up for the other connections.
+* ``tls``: an ``ssl.SSLContext`` — clients then speak HTTPS to the proxy (plain HTTP upstream).
+
+It counts connections and requests and records each request's ``Range`` header, so a test can
+assert how many GETs a retry policy made, where they resumed, and whether connections were reused.
 """
 
 from __future__ import annotations
 
+import re
 import socket
+import ssl
 import struct
 import threading
 from typing import Self
 
+_RANGE = re.compile(rb"\r\nrange: *bytes=(\d+)-(\d+)", re.IGNORECASE)
+
 
 class DyingProxy:
-    """``with DyingProxy(upstream_port, cut_after=...) as proxy: proxy.endpoint_url``."""
+    """``with DyingProxy(upstream_port, cut_after=..., faults=..., tls=...) as proxy: proxy.endpoint_url``."""
 
-    def __init__(self, upstream_port: int, *, cut_after: int | None = None):
+    def __init__(
+        self,
+        upstream_port: int,
+        *,
+        cut_after: int | None = None,
+        faults: dict[int, tuple[str, int]] | None = None,
+        tls: ssl.SSLContext | None = None,
+    ):
         self.upstream = ("127.0.0.1", upstream_port)
-        self.cut_after = cut_after
+        self.cut_after, self.faults, self.tls = cut_after, dict(faults or {}), tls
         self.sent = 0
         self.requests = 0
         self.connections = 0
+        self.ranges: list[tuple[int, int]] = []
         self.dead = threading.Event()
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
@@ -32,7 +50,7 @@ class DyingProxy:
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -51,12 +69,7 @@ class DyingProxy:
         with self._lock:
             conns, self._conns = self._conns, []
         for conn in conns:
-            try:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv(); close() alone would not
-            except OSError:
-                pass
-            conn.close()
+            _reset(conn)
 
     def _accept(self) -> None:
         while not self.dead.is_set():
@@ -64,6 +77,12 @@ class DyingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self.tls is not None:
+                try:
+                    client = self.tls.wrap_socket(client, server_side=True)
+                except (OSError, ssl.SSLError):
+                    client.close()
+                    continue
             try:
                 upstream = socket.create_connection(self.upstream)
             except OSError:
@@ -71,20 +90,34 @@ class DyingProxy:
                 continue
             with self._lock:
                 self._conns += [client, upstream]
+                number = self.connections
                 self.connections += 1
-            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+            fault = self.faults.get(number)
+            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, fault or ("", -1)), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, fault: tuple[str, int] | None) -> None:
+        """Copy ``src`` → ``dst``; ``fault`` is ``None`` for the request direction, else this connection's fault."""
+        downstream, passed = fault is not None, 0
         try:
             while not self.dead.is_set():
                 data = src.recv(65536)
                 if not data:
                     break
-                if not downstream and data[:4] in (b"GET ", b"HEAD", b"PUT "):
-                    with self._lock:
-                        self.requests += 1
-                if downstream and self.cut_after is not None:
+                if not downstream:
+                    self._saw_request(data)
+                    dst.sendall(data)
+                    continue
+                kind, after = fault
+                if kind and passed + len(data) >= after:
+                    dst.sendall(data[: after - passed])
+                    if kind == "reset":
+                        _reset(dst)
+                        return
+                    self.dead.wait()  # "freeze": the peer stays connected and silent
+                    return
+                passed += len(data)
+                if self.cut_after is not None:
                     with self._lock:
                         room = self.cut_after - self.sent
                         self.sent += len(data)
@@ -101,3 +134,56 @@ class DyingProxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def _saw_request(self, data: bytes) -> None:
+        if data[:4] not in (b"GET ", b"HEAD", b"PUT "):
+            return
+        with self._lock:
+            self.requests += 1
+            found = _RANGE.search(data)
+            if found:
+                self.ranges.append((int(found.group(1)), int(found.group(2))))
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close with RST, like a crashed peer; wakes a reader blocked in recv()."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        conn.close()
+    except OSError:
+        pass
+
+
+def self_signed_tls(folder) -> tuple[ssl.SSLContext, str]:
+    """A server context with a fresh self-signed certificate for 127.0.0.1, and the CA file clients verify it with."""
+    import datetime
+    import ipaddress
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder = Path(folder)
+    cert_file, key_file = folder / "proxy-cert.pem", folder / "proxy-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    return context, str(cert_file)

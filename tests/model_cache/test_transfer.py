@@ -2,6 +2,7 @@
 
 import io
 import os
+import ssl
 import time
 
 import boto3
@@ -10,9 +11,10 @@ from boto3.s3.transfer import TransferConfig as Boto3TransferConfig
 from botocore.config import Config
 
 from model_cache.s3 import IncompleteDownload, ObjectChanged, put_bytes
+from model_cache.stream_pump import SocketBody
 from model_cache.transfer import TransferConfig, TransferFailed, download, is_transient
 from pipelines.errors import ModelNotFound
-from tests.model_cache.proxy import DyingProxy
+from tests.model_cache.proxy import DyingProxy, self_signed_tls
 from tests.support.seaweed import ACCESS_KEY, REGION, SECRET_KEY
 
 FAST = TransferConfig(concurrency=4, part_size=100_000, retries=2, backoff_base=0.01, fsync=False)
@@ -131,12 +133,58 @@ def test_size_mismatch_changed_and_missing(s3_client, s3_bucket, tmp_path):
     assert not dest.exists() and os.listdir(tmp_path) == []
 
 
-def proxied_client(endpoint_url: str):
+def proxied_client(endpoint_url: str, *, read_timeout: float = 3, verify: str | None = None):
     """A client with no botocore retries of its own, so the transfer's retry budget is the only one."""
     return boto3.session.Session().client(
         "s3", endpoint_url=endpoint_url, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY, region_name=REGION,
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=1, read_timeout=3),
+        verify=verify,
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=1, read_timeout=read_timeout),
     )
+
+
+def resumed(proxy: DyingProxy, part_size: int) -> list[tuple[int, int]]:
+    """The GETs that started inside a part: resumptions after a dropped stream."""
+    return [r for r in proxy.ranges if r[0] % part_size]
+
+
+def test_reset_streams_resume_and_finished_ones_reuse_their_connection(s3_server, s3_client, s3_bucket, tmp_path):
+    data = os.urandom(3_000_000)
+    etag = put_bytes(s3_client, s3_bucket, "k", data, "application/octet-stream")
+    config = TransferConfig(concurrency=3, part_size=250_000, retries=3, backoff_base=0.01, fsync=False)
+    with DyingProxy(s3_server.ports["s3"], faults={0: ("reset", 100_000), 2: ("reset", 30_000)}) as proxy:
+        result = download(proxied_client(proxy.endpoint_url), s3_bucket, "k", tmp_path / "k", len(data), etag, config)
+    assert (tmp_path / "k").read_bytes() == data
+    assert (result.parts, result.retries, result.verified) == (12, 2, "md5")
+    assert len(proxy.ranges) == 12 + 2 and len(resumed(proxy, 250_000)) == 2
+    # 12 ranges over 3 streams: a finished range hands its connection to the next one (2 more for the resets).
+    assert 3 <= proxy.connections <= 5
+
+
+def test_a_stalled_stream_times_out_and_resumes(s3_server, s3_client, s3_bucket, tmp_path):
+    data = os.urandom(1_000_000)
+    etag = put_bytes(s3_client, s3_bucket, "k", data, "application/octet-stream")
+    config = TransferConfig(concurrency=2, part_size=500_000, retries=2, backoff_base=0.01, fsync=False)
+    with DyingProxy(s3_server.ports["s3"], faults={1: ("freeze", 60_000)}) as proxy:
+        started = time.monotonic()
+        result = download(proxied_client(proxy.endpoint_url, read_timeout=1), s3_bucket, "k", tmp_path / "k", len(data), etag, config)
+        elapsed = time.monotonic() - started
+    assert (tmp_path / "k").read_bytes() == data and result.retries == 1
+    assert len(resumed(proxy, 500_000)) == 1
+    assert 1 <= elapsed < 10  # the client's read timeout (1 s) applies to a silent stream, not 60 s or forever
+
+
+def test_https_streams_are_read_the_same_way(s3_server, s3_client, s3_bucket, tmp_path):
+    data = os.urandom(2_000_000)
+    etag = put_bytes(s3_client, s3_bucket, "k", data, "application/octet-stream")
+    context, ca_file = self_signed_tls(tmp_path)
+    config = TransferConfig(concurrency=4, part_size=200_000, retries=2, backoff_base=0.01, fsync=False)
+    with DyingProxy(s3_server.ports["s3"], tls=context, faults={1: ("reset", 70_000)}) as proxy:
+        client = proxied_client(proxy.endpoint_url, verify=ca_file)
+        result = download(client, s3_bucket, "k", tmp_path / "d" / "k", len(data), etag, config)
+    assert (tmp_path / "d" / "k").read_bytes() == data
+    assert (result.parts, result.retries, result.verified) == (10, 1, "md5")
+    assert len(resumed(proxy, 200_000)) == 1
+    assert 4 <= proxy.connections <= 5  # TLS connections go back to the pool too (a fallback read would close each)
 
 
 def test_server_dying_midway_gives_bounded_retries_then_a_clear_failure(s3_server, s3_client, s3_bucket, tmp_path):
@@ -168,6 +216,8 @@ def test_transient_classification():
     assert is_transient(client_error(503, "SlowDown")) and is_transient(client_error(500, "InternalError"))
     assert not is_transient(client_error(403, "AccessDenied")) and not is_transient(client_error(404, "NoSuchKey"))
     assert not is_transient(OSError(28, "No space left on device"))
+    assert is_transient(ssl.SSLEOFError(8, "EOF occurred in violation of protocol"))  # a TLS stream cut midway
+    assert not is_transient(ssl.SSLCertVerificationError(1, "certificate verify failed"))
 
 
 def test_kms_encrypted_objects_skip_the_md5_their_etag_is_not(s3_client, s3_bucket, tmp_path):
@@ -177,3 +227,12 @@ def test_kms_encrypted_objects_skip_the_md5_their_etag_is_not(s3_client, s3_buck
     kms = FlakyClient(s3_client, sse="aws:kms")
     result = download(kms, s3_bucket, "k", tmp_path / "k", len(data), etag, FAST)
     assert result.verified == "size" and (tmp_path / "k").read_bytes() == data
+
+
+def test_bodies_the_pump_cannot_read_directly_are_read_by_their_opener(s3_client, s3_bucket):
+    put_bytes(s3_client, s3_bucket, "k", b"x" * 1000, "application/octet-stream")
+    response = s3_client.get_object(Bucket=s3_bucket, Key="k")
+    assert SocketBody.of(response["Body"], response) is not None
+    assert SocketBody.of(response["Body"], {**response, "ContentEncoding": "gzip"}) is None  # bytes would need decoding
+    assert SocketBody.of(_Body(response["Body"]), response) is None  # not botocore's body (the tests' fault injectors)
+    response["Body"].close()
