@@ -140,6 +140,10 @@ class Pump:
                     payload.discard()
                 return
             self._inbox.put((kind, part, payload))
+        self.wake()
+
+    def wake(self) -> None:
+        """Make a waiting :meth:`step` return now (any thread)."""
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:  # the pipe is full: the pump is awake anyway
@@ -256,3 +260,60 @@ class Pump:
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+class Readers:
+    """``count`` pump threads over one file: a stream goes to the least loaded one, and all their
+    events come back to the caller's thread through one queue (a handful per part, not per chunk).
+
+    One reader moves ~1.5 GB/s of plain HTTP on one of this VM's cores; several let a big
+    instance use more cores for the copies (and TLS decryption), at the price of a GIL
+    hand-off now and then between readers (on 2 cores, 2 readers measured ~10 % slower than 1).
+    """
+
+    def __init__(self, fd: int, count: int):
+        self._pumps = [Pump(fd) for _ in range(max(1, count))]
+        self._load = [0] * len(self._pumps)
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), name=f"s3-read-{i}", daemon=True) for i in range(len(self._pumps))
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def pick(self) -> Pump:
+        """The pump for one more stream (the caller's thread only)."""
+        index = self._load.index(min(self._load))
+        self._load[index] += 1
+        return self._pumps[index]
+
+    def next_event(self, timeout: float) -> tuple[str, Part, object] | None:
+        """The next ``("done" | "error", part, payload)``; ``None`` after ``timeout`` s; a reader's crash is raised."""
+        try:
+            index, kind, part, payload = self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if kind == "fatal":
+            raise payload
+        self._load[index] -= 1
+        return kind, part, payload
+
+    def _run(self, index: int) -> None:
+        pump = self._pumps[index]
+        try:
+            while not self._stop.is_set():
+                for event in pump.step():
+                    self._events.put((index, *event))
+        except BaseException as exc:  # noqa: BLE001 — e.g. the disk is full: the caller raises it
+            self._events.put((index, "fatal", None, exc))
+
+    def close(self) -> None:
+        """Stop the readers and close every stream still open."""
+        self._stop.set()
+        for pump in self._pumps:
+            pump.wake()
+        for thread in self._threads:
+            thread.join()
+        for pump in self._pumps:
+            pump.close()

@@ -70,7 +70,7 @@ class Engine:
             s3_client_factory=lambda: make_s3_client(settings.s3_endpoint_url, settings.aws_region),
             disk_budget=settings.cache_disk_budget,
             min_free=settings.cache_min_free,
-            transfer_config=TransferConfig(concurrency=settings.s3_concurrency, part_size=settings.s3_part_size, retries=settings.s3_retries),
+            transfer_config=TransferConfig(concurrency=settings.s3_concurrency, readers=settings.s3_readers, part_size=settings.s3_part_size, retries=settings.s3_retries),
             allowed_s3_prefixes=parse_prefixes(settings.allowed_s3_prefixes),
             metadata_ttl=settings.model_list_ttl,
         )

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     cache_disk_budget: int | None = Field(None, ge=0, description="Bytes of models kept in CACHE_DIR from S3 (LRU), e.g. '40GiB'; unset = 80% of (free space + cached bytes) at start.")
     cache_min_free: int | None = Field(None, ge=0, description="Free space the disk cache always leaves on its filesystem, e.g. '5GiB'; unset = min(5 GiB, 10% of the filesystem).")
     s3_concurrency: int | None = Field(None, ge=1, le=64, description="Parallel ranged GETs per model download; unset = 4 per CPU core, 8 to 16.")
+    s3_readers: int | None = Field(None, ge=1, le=32, description="Threads moving downloaded bytes to disk (each drains many streams); unset = 1 per 4 CPU cores, 1 to 8.")
     s3_part_size: int = Field(64 * 1024 * 1024, ge=1024 * 1024, description="Largest ranged GET, e.g. '64MiB' (smaller objects are split so every stream gets a range).")
     s3_retries: int = Field(5, ge=0, le=20, description="Retries per part on transient S3 errors (connection drops, 5xx, throttling), with exponential backoff.")
     model_list_ttl: float = Field(30.0, ge=0, le=3600, description="Seconds an S3 store's listings and name lookups are reused (0 = ask S3 every job); a name not found is always asked again.")

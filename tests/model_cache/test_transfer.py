@@ -1,5 +1,6 @@
 """The S3 transfer against a real SeaweedFS: ranged parts, resume, integrity, a server that dies."""
 
+import errno
 import io
 import os
 import ssl
@@ -147,10 +148,11 @@ def resumed(proxy: DyingProxy, part_size: int) -> list[tuple[int, int]]:
     return [r for r in proxy.ranges if r[0] % part_size]
 
 
-def test_reset_streams_resume_and_finished_ones_reuse_their_connection(s3_server, s3_client, s3_bucket, tmp_path):
+@pytest.mark.parametrize("readers", [1, 2])
+def test_reset_streams_resume_and_finished_ones_reuse_their_connection(s3_server, s3_client, s3_bucket, tmp_path, readers):
     data = os.urandom(3_000_000)
     etag = put_bytes(s3_client, s3_bucket, "k", data, "application/octet-stream")
-    config = TransferConfig(concurrency=3, part_size=250_000, retries=3, backoff_base=0.01, fsync=False)
+    config = TransferConfig(concurrency=3, readers=readers, part_size=250_000, retries=3, backoff_base=0.01, fsync=False)
     with DyingProxy(s3_server.ports["s3"], faults={0: ("reset", 100_000), 2: ("reset", 30_000)}) as proxy:
         result = download(proxied_client(proxy.endpoint_url), s3_bucket, "k", tmp_path / "k", len(data), etag, config)
     assert (tmp_path / "k").read_bytes() == data
@@ -177,7 +179,7 @@ def test_https_streams_are_read_the_same_way(s3_server, s3_client, s3_bucket, tm
     data = os.urandom(2_000_000)
     etag = put_bytes(s3_client, s3_bucket, "k", data, "application/octet-stream")
     context, ca_file = self_signed_tls(tmp_path)
-    config = TransferConfig(concurrency=4, part_size=200_000, retries=2, backoff_base=0.01, fsync=False)
+    config = TransferConfig(concurrency=4, readers=2, part_size=200_000, retries=2, backoff_base=0.01, fsync=False)
     with DyingProxy(s3_server.ports["s3"], tls=context, faults={1: ("reset", 70_000)}) as proxy:
         client = proxied_client(proxy.endpoint_url, verify=ca_file)
         result = download(client, s3_bucket, "k", tmp_path / "d" / "k", len(data), etag, config)
@@ -236,3 +238,22 @@ def test_bodies_the_pump_cannot_read_directly_are_read_by_their_opener(s3_client
     assert SocketBody.of(response["Body"], {**response, "ContentEncoding": "gzip"}) is None  # bytes would need decoding
     assert SocketBody.of(_Body(response["Body"]), response) is None  # not botocore's body (the tests' fault injectors)
     response["Body"].close()
+
+
+def test_a_full_disk_fails_the_download_at_once_and_leaves_nothing(s3_client, s3_bucket, tmp_path, monkeypatch):
+    data = os.urandom(2_000_000)
+    etag = put_bytes(s3_client, s3_bucket, "k", data, "application/octet-stream")
+    real_pwrite, calls = os.pwrite, []
+
+    def pwrite(fd, buffer, offset):
+        calls.append(offset)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, buffer, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    config = TransferConfig(concurrency=4, readers=2, part_size=250_000, retries=3, backoff_base=0.01, fsync=False)
+    with pytest.raises(OSError) as info:
+        download(s3_client, s3_bucket, "k", tmp_path / "d" / "k", len(data), etag, config)
+    assert info.value.errno == errno.ENOSPC  # not retried: no amount of retrying makes room
+    assert os.listdir(tmp_path / "d") == []
