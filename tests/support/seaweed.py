@@ -33,6 +33,8 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
+from tests.support.tls import self_signed
+
 ACCESS_KEY = "test-access-key"
 SECRET_KEY = "test-secret-key"
 REGION = "us-east-1"
@@ -97,8 +99,10 @@ def _die_with_parent() -> None:
 class SeaweedServer:
     """One ``weed server -s3`` process group with its own temp dir and ports."""
 
-    def __init__(self, start_timeout: float = 30.0):
+    def __init__(self, start_timeout: float = 30.0, *, https: bool = False):
         self.start_timeout = start_timeout
+        self.https = https  # also serve S3 over HTTPS (self-signed, see ca_file) on ports["s3_https"]
+        self.ca_file: Path | None = None
         self.tmpdir: Path | None = None
         self.process: subprocess.Popen | None = None
         self.ports: dict[str, int] = {}
@@ -109,7 +113,7 @@ class SeaweedServer:
     def start(self) -> "SeaweedServer":
         """Start the server, wait until S3 answers, warm it up; raise with the log tail on failure."""
         self.tmpdir = Path(tempfile.mkdtemp(prefix="sd-seaweed-"))
-        master, volume, filer, s3 = free_ports(4)
+        master, volume, filer, s3, s3_https = free_ports(5)
         self.ports = {"master": master, "volume": volume, "filer": filer, "s3": s3}
         cmd = [
             find_weed(),
@@ -134,6 +138,10 @@ class SeaweedServer:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
         ]
+        if self.https:
+            self.ports["s3_https"] = s3_https
+            self.ca_file, key_file = self_signed(self.tmpdir / "tls")
+            cmd += [f"-s3.port.https={s3_https}", f"-s3.cert.file={self.ca_file}", f"-s3.key.file={key_file}"]
         self._log = open(self.tmpdir / "weed.log", "wb")
         self.process = subprocess.Popen(
             cmd,
@@ -234,6 +242,11 @@ class SeaweedServer:
         return f"http://127.0.0.1:{self.ports['s3']}"
 
     @property
+    def https_endpoint_url(self) -> str:
+        """The same S3 over TLS (``https=True`` only); clients verify it with :attr:`ca_file`."""
+        return f"https://127.0.0.1:{self.ports['s3_https']}"
+
+    @property
     def env(self) -> dict[str, str]:
         """Environment for a subprocess that should talk to this server."""
         return {
@@ -243,11 +256,12 @@ class SeaweedServer:
             "S3_ENDPOINT_URL": self.endpoint_url,
         }
 
-    def client(self, *, max_attempts: int = 3, connect_timeout: float = 5, read_timeout: float = 30):
-        """A boto3 S3 client for this server: path-style, dummy credentials, us-east-1."""
+    def client(self, *, max_attempts: int = 3, connect_timeout: float = 5, read_timeout: float = 30, https: bool = False):
+        """A boto3 S3 client for this server: path-style, dummy credentials, us-east-1 (over TLS with ``https``)."""
         return boto3.session.Session().client(
             "s3",
-            endpoint_url=self.endpoint_url,
+            endpoint_url=self.https_endpoint_url if https else self.endpoint_url,
+            verify=str(self.ca_file) if https else None,
             aws_access_key_id=ACCESS_KEY,
             aws_secret_access_key=SECRET_KEY,
             region_name=REGION,
