@@ -15,6 +15,7 @@ assert how many GETs a retry policy made, where they resumed, and whether connec
 from __future__ import annotations
 
 import re
+import select
 import socket
 import ssl
 import struct
@@ -94,29 +95,34 @@ class DyingProxy:
                 self._conns += [client, upstream]
                 number = self.connections
                 self.connections += 1
-            fault = self.faults.get(number)
-            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, fault or ("", -1)), daemon=True).start()
+            threading.Thread(target=self._relay, args=(client, upstream, self.faults.get(number)), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, fault: tuple[str, int] | None) -> None:
-        """Copy ``src`` → ``dst``; ``fault`` is ``None`` for the request direction, else this connection's fault."""
-        downstream, passed = fault is not None, 0
+    def _relay(self, client: socket.socket, upstream: socket.socket, fault: tuple[str, int] | None) -> None:
+        """Both directions of one connection in one thread: an SSL socket must not be read and written
+        by two threads at once (OpenSSL objects are not thread-safe; requests came out garbled)."""
+        kind, after = fault or ("", -1)
+        passed = 0
         try:
             while not self.dead.is_set():
-                data = src.recv(65536)
-                if not data:
-                    break
-                if not downstream:
-                    self._saw_request(data)
-                    dst.sendall(data)
-                    continue
-                kind, after = fault
-                if kind and passed + len(data) >= after:
-                    dst.sendall(data[: after - passed])
-                    if kind == "reset":
-                        _reset(dst)
+                pending = getattr(client, "pending", lambda: 0)()
+                readable = [client] if pending else select.select([client, upstream], [], [], 0.2)[0]
+                if client in readable:
+                    data = client.recv(65536)
+                    if not data:
                         return
-                    self.dead.wait()  # "freeze": the peer stays connected and silent
+                    self._saw_request(data)
+                    upstream.sendall(data)
+                if upstream not in readable:
+                    continue
+                data = upstream.recv(65536)
+                if not data:
+                    return
+                if kind and passed + len(data) >= after:
+                    client.sendall(data[: after - passed])
+                    if kind == "reset":
+                        _reset(client)
+                    else:
+                        self.dead.wait()  # "freeze": the peer stays connected and silent
                     return
                 passed += len(data)
                 if self.cut_after is not None:
@@ -124,17 +130,17 @@ class DyingProxy:
                         room = self.cut_after - self.sent
                         self.sent += len(data)
                     if room <= len(data):
-                        dst.sendall(data[: max(room, 0)])
+                        client.sendall(data[: max(room, 0)])
                         self.kill()
                         return
-                dst.sendall(data)
-        except OSError:
+                client.sendall(data)
+        except (OSError, ValueError):
             pass
         finally:
-            for sock in (src, dst):
+            for sock in (client, upstream):
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
+                except (OSError, ValueError):
                     pass
 
     def _saw_request(self, data: bytes) -> None:
