@@ -24,6 +24,8 @@ checks nothing but the length. Here:
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
 import random
@@ -241,13 +243,47 @@ class _Aborted(Exception):
 
 
 def _presize(fd: int, size: int) -> None:
-    """Set the final length up front (sparse), so every range can ``pwrite`` at its offset.
+    """Give the file its final length up front, so every range can ``pwrite`` at its offset.
 
-    Not ``posix_fallocate``: on ext4 it makes "unwritten" extents that must be converted at
-    writeback, which measured ~40 % slower for a 2 GiB download; running out of space is
-    checked before the download by the disk tier's free-space floor instead.
+    The blocks are reserved with ``fallocate`` where the filesystem can, so writes skip ext4's
+    per-block delayed-allocation work (measured: 2 GiB usable in 2.05 s vs 2.22 s with a sparse
+    file, fsynced 3.66 vs 3.88 s; with the older 8-writer transfer it had been slower).
+    Elsewhere the file is sparse (``ftruncate``). A size beyond the free space fails here,
+    before a byte is fetched and before ``fallocate`` tries: on ext4 a failing ``fallocate``
+    keeps what it allocated, so it would fill the disk first (seen).
     """
-    os.ftruncate(fd, size)
+    stats = os.fstatvfs(fd)
+    free = stats.f_bavail * stats.f_frsize
+    if size > free:
+        raise OSError(errno.ENOSPC, f"{size} bytes do not fit in the {free} bytes free")
+    if _fallocate(fd, size) == errno.ENOSPC:  # taken by someone else meanwhile
+        os.ftruncate(fd, 0)  # give back the blocks it did get
+        raise OSError(errno.ENOSPC, f"no room for {size} bytes")
+    os.ftruncate(fd, size)  # after a successful fallocate a no-op; else the sparse fallback
+
+
+def _fallocate(fd: int, size: int) -> int:
+    """``fallocate(fd, 0, 0, size)`` straight from libc: 0, or the errno (EOPNOTSUPP where unsupported).
+
+    Not ``os.posix_fallocate``: where the filesystem cannot, glibc emulates it by writing every block."""
+    if _LIBC_FALLOCATE is None:
+        return errno.EOPNOTSUPP
+    if _LIBC_FALLOCATE(fd, 0, 0, size) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+def _libc_fallocate():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).fallocate
+    except (AttributeError, OSError):  # not Linux
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+_LIBC_FALLOCATE = _libc_fallocate()
 
 
 def _run_parts(job: _Download, parts: list[Part], streams: int, follower: Md5Follower | None) -> str | None:

@@ -12,6 +12,7 @@ from boto3.s3.transfer import TransferConfig as Boto3TransferConfig
 from botocore.config import Config
 
 from model_cache.s3 import IncompleteDownload, ObjectChanged, put_bytes
+from model_cache import transfer
 from model_cache.stream_pump import SocketBody
 from model_cache.transfer import TransferConfig, TransferFailed, download, is_transient
 from pipelines.errors import ModelNotFound
@@ -259,3 +260,52 @@ def test_a_full_disk_fails_the_download_at_once_and_leaves_nothing(s3_client, s3
         download(s3_client, s3_bucket, "k", tmp_path / "d" / "k", len(data), etag, config)
     assert info.value.errno == errno.ENOSPC  # not retried: no amount of retrying makes room
     assert os.listdir(tmp_path / "d") == []
+
+
+def test_the_file_is_preallocated_and_a_size_beyond_the_free_space_fails_before_any_get(s3_client, s3_bucket, tmp_path, monkeypatch):
+    data = os.urandom(300_000)
+    etag = put_bytes(s3_client, s3_bucket, "k", data, "application/octet-stream")
+    fd = os.open(tmp_path / "probe", os.O_RDWR | os.O_CREAT)
+    try:
+        transfer._presize(fd, 1_000_000)
+        allocated = os.fstat(fd).st_blocks * 512
+        assert os.fstat(fd).st_size == 1_000_000
+        assert allocated >= 1_000_000 or transfer._fallocate(fd, 1) != 0  # reserved, where the filesystem can
+    finally:
+        os.close(fd)
+
+    class Tiny:  # what fstatvfs reports for a nearly full disk: 10 blocks free
+        f_bavail, f_frsize = 10, 4096
+
+    monkeypatch.setattr(os, "fstatvfs", lambda fd: Tiny)
+    flaky = FlakyClient(s3_client)
+    with pytest.raises(OSError) as info:
+        download(flaky, s3_bucket, "k", tmp_path / "d" / "k", len(data), etag, FAST)
+    assert info.value.errno == errno.ENOSPC and "300000 bytes" in str(info.value)
+    assert flaky.ranges == [] and os.listdir(tmp_path / "d") == []  # nothing fetched, nothing left
+
+
+def test_a_failed_preallocation_gives_its_blocks_back(tmp_path, monkeypatch):
+    real = transfer._fallocate
+
+    def partial(fd, size):  # another writer took the space meanwhile: part allocated, then ENOSPC
+        real(fd, size // 2)
+        return errno.ENOSPC
+
+    monkeypatch.setattr(transfer, "_fallocate", partial)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        with pytest.raises(OSError) as info:
+            transfer._presize(fd, 4_000_000)
+        assert info.value.errno == errno.ENOSPC
+        assert os.fstat(fd).st_blocks == 0 and os.fstat(fd).st_size == 0
+    finally:
+        os.close(fd)
+
+
+def test_without_fallocate_the_file_is_sparse_and_the_download_still_works(s3_client, s3_bucket, tmp_path, monkeypatch):
+    data = os.urandom(500_000)
+    etag = put_bytes(s3_client, s3_bucket, "k", data, "application/octet-stream")
+    monkeypatch.setattr(transfer, "_fallocate", lambda fd, size: errno.EOPNOTSUPP)
+    download(s3_client, s3_bucket, "k", tmp_path / "k", len(data), etag, FAST)
+    assert (tmp_path / "k").read_bytes() == data
