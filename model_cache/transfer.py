@@ -128,7 +128,7 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class _Download:
-    """One object's transfer: what the opener threads and the pump thread share."""
+    """One object's transfer: what the opener threads, the readers and the coordinating thread share."""
 
     def __init__(self, client, bucket: str, key: str, etag: str | None, size: int, fd: int, config: TransferConfig):
         self.client, self.bucket, self.key, self.etag, self.fd, self.config = client, bucket, key, etag, fd, config
@@ -136,7 +136,7 @@ class _Download:
         self.etag_not_md5 = False  # SSE-KMS / SSE-C: the ETag is not the MD5 of the bytes
         self.uri = f"s3://{bucket}/{key}"
         self.abort = threading.Event()
-        self.retries = 0  # counted by the pump thread only
+        self.retries = 0  # counted by the coordinating thread only (``failed``)
 
     def _get(self, start: int, end: int):
         kwargs = {"Bucket": self.bucket, "Key": self.key, "Range": f"bytes={start}-{end}"}
@@ -155,9 +155,10 @@ class _Download:
             raise
 
     def open(self, part: Part, delay: float, pump: Pump) -> None:
-        """(In an opener thread) wait ``delay``, GET the rest of ``part``, hand the stream to the pump.
+        """(In an opener thread) wait ``delay``, GET the rest of ``part``, hand the stream to ``pump``.
 
-        A body the pump cannot read directly is read here instead. Every outcome is posted to the pump."""
+        A body the pump cannot read directly is read here instead. Every outcome is posted through
+        the pump, which passes it on to the coordinating thread (:func:`_run_parts`)."""
         try:
             if delay and self.abort.wait(delay):
                 return
@@ -188,7 +189,7 @@ class _Download:
                 pump.post("done", part)
             else:
                 pump.post("open", part, direct)
-        except Exception as exc:  # noqa: BLE001 — every failure goes to the pump thread, which decides
+        except Exception as exc:  # noqa: BLE001 — every failure is reported; the coordinating thread decides
             pump.post("error", part, exc)
 
     def _read_here(self, part: Part, body) -> None:
